@@ -1,0 +1,30 @@
+"""Helpers every jsr model shares: abstract parameters and their logical axis names.
+
+Convention: each model module has a plain method ``example_inputs(batch=1) -> tuple`` giving inputs that run its
+``__call__`` (shapes only matter), so parameters can be derived without weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+
+def abstract_params(module: nn.Module) -> Any:
+    """The module's parameter tree as ``jax.ShapeDtypeStruct`` leaves, unboxed (no memory is allocated)."""
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *module.example_inputs()))
+    return nn.meta.unbox(variables["params"])
+
+
+def init_params(module: nn.Module, rng: jax.Array) -> Any:
+    """Randomly initialised parameters (plain arrays, unboxed)."""
+    return nn.meta.unbox(module.init(rng, *module.example_inputs())["params"])
+
+
+def logical_axes(module: nn.Module) -> Any:
+    """A tree like the parameters whose leaves are ``PartitionSpec``s of *logical* axis names
+    (``("embed", "mlp")``...). Map them onto a mesh with ``flax.linen.logical_to_mesh_sharding``."""
+    variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *module.example_inputs()))
+    return nn.get_partition_spec(variables)["params"]
