@@ -75,7 +75,7 @@ def to_flax_layout(leaf: str, value: np.ndarray, flax_shape: tuple[int, ...]) ->
 def params_to_torch_state(params: Mapping, indexed: Iterable[str]) -> dict[str, np.ndarray]:
     """Flax parameters -> PyTorch state dict (numpy arrays, contiguous, same dtype)."""
     flat = traverse_util.flatten_dict(unbox(params))
-    return {torch_key(path, indexed): np.ascontiguousarray(to_torch_layout(path[-1], np.asarray(v)))
+    return {torch_key(path, indexed): np.require(to_torch_layout(path[-1], np.asarray(v)), requirements="C")
             for path, v in flat.items()}
 
 

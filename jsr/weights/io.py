@@ -63,7 +63,7 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     offset = 0
     arrays = []
     for name in sorted(tensors):
-        a = np.ascontiguousarray(np.asarray(tensors[name]))
+        a = np.require(np.asarray(tensors[name]), requirements="C")  # keeps 0-d shapes
         if a.dtype not in _NAMES:
             raise ValueError(f"tensor {name!r}: dtype {a.dtype} cannot be written to safetensors")
         header[name] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
