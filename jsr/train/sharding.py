@@ -1,0 +1,129 @@
+"""Device mesh and logical-axis sharding rules (MaxText style), for 1 CPU, 8 fake CPUs, a GPU or a TPU pod.
+
+The mesh has three named axes:
+
+``data``    pure data parallelism: parameters replicated, the batch split.
+``fsdp``    data parallelism with parameters (and optimizer state) split: the batch is split over it too.
+``tensor``  model parallelism inside a layer (attention heads, MLP width).
+
+Parameters carry *logical* axis names (``embed``, ``mlp``, ``heads``, ``conv_in``, ``conv_out``, ``norm``, ``vocab``,
+``lora_rank``...; see ``jsr.models.layers``). ``rules`` map logical names to mesh axes. A dimension that a mesh
+axis does not divide evenly stays replicated instead of failing (small layers such as a 4-channel ``conv_in``),
+so one rule set serves every model size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical name -> mesh axis (or None for replicated). Frozen weights shard their large dims over fsdp, and the
+# head/MLP dims over tensor; norms, LoRA ranks and small vectors stay replicated.
+DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+    ("batch", "fsdp"),
+    ("embed", "fsdp"),
+    ("conv_out", "fsdp"),
+    ("conv_in", None),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+    ("lora_rank", None),
+)
+
+
+def maybe_initialize_distributed(multihost: bool | None = None) -> None:
+    """Start JAX's multi-host runtime on a TPU pod slice (or any multi-process job).
+
+    ``multihost=None`` decides from the environment: on TPU VMs ``jax.distributed.initialize()`` discovers the
+    coordinator itself; elsewhere a single process is assumed unless ``JAX_COORDINATOR_ADDRESS`` is set.
+    Safe to call twice.
+    """
+    import os
+
+    if multihost is None:
+        multihost = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or bool(os.environ.get("TPU_WORKER_HOSTNAMES"))
+    if multihost and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices of all processes).
+
+    One size may be -1: it takes whatever the others leave. Sizes must multiply to the device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = [data, fsdp, tensor]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))}: at most one may be -1")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, sizes))} do not divide {len(devices)} devices")
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+                         f"but {len(devices)} are present")
+    try:  # topology-aware placement on TPU/GPU; plain reshape where that is not available (CPU)
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(sizes, devices=devices)
+    except Exception:  # noqa: BLE001 - any failure of the optional topology helper falls back
+        grid = np.asarray(devices).reshape(sizes)
+    return Mesh(grid, MESH_AXES)
+
+
+def _mesh_axis_size(mesh: Mesh, axis: str | tuple[str, ...] | None) -> int:
+    if axis is None:
+        return 1
+    names = (axis,) if isinstance(axis, str) else axis
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> P:
+    """The mesh ``PartitionSpec`` for one array with the given logical axis names and shape.
+
+    Each mesh axis is used at most once per array (first dimension wins); dims it does not divide replicate.
+    """
+    if logical is None:
+        return P()
+    table = dict(rules)
+    used: set[str] = set()
+    out = []
+    for name, dim in zip(tuple(logical), shape):
+        axis = table.get(name) if name is not None else None
+        names = () if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
+        names = tuple(n for n in names if n in mesh.shape and mesh.shape[n] > 1 and n not in used)
+        if names and dim % _mesh_axis_size(mesh, names) == 0:
+            used.update(names)
+            out.append(names[0] if len(names) == 1 else names)
+        else:
+            out.append(None)
+    return P(*out)
+
+
+def tree_shardings(abstract: Any, logical: Any, mesh: Mesh,
+                   rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Any:
+    """``NamedSharding`` for every leaf of ``abstract`` (arrays or ShapeDtypeStructs) from the matching
+    ``logical`` tree of PartitionSpecs of logical names (``jsr.models.common.logical_axes``)."""
+    return jax.tree.map(
+        lambda a, names: NamedSharding(mesh, logical_to_spec(names, a.shape, mesh, rules)),
+        abstract, logical, is_leaf=lambda x: isinstance(x, P))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Sharding of a fully replicated array (LoRA factors, scalars, RNG keys)."""
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 4) -> NamedSharding:
+    """Sharding of a batch array whose leading axis is split over ``data`` x ``fsdp``."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))

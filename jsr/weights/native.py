@@ -1,0 +1,84 @@
+"""jsr's own model folder: ``config.json`` (the original diffusers/transformers config) + ``params/``, an Orbax
+checkpoint of the Flax parameter tree (NHWC/HWIO layouts, Flax names).
+
+Why a second format beside diffusers': an Orbax checkpoint restores straight into sharded device arrays on a
+TPU pod (each host reads only its shards, no PyTorch-layout transposes on the host), and it is the format the
+training checkpoints use. ``python -m jsr.weights to-jsr`` / ``to-diffusers`` convert whole SD folders.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import orbax.checkpoint as ocp
+
+from jsr.weights import io
+
+PARAMS_DIR = "params"
+
+
+def is_native(folder: str | os.PathLike) -> bool:
+    """True when ``folder`` holds a jsr-format model (``params/`` Orbax checkpoint + ``config.json``)."""
+    return (Path(folder) / PARAMS_DIR).is_dir() and (Path(folder) / "config.json").is_file()
+
+
+def write_native(folder: str | os.PathLike, params: Any, config: Mapping) -> None:
+    """Write ``params`` (any dtype) and ``config`` into ``folder`` in the jsr format; ``folder`` may exist but
+    must not hold a ``params/`` checkpoint already."""
+    folder = Path(folder).absolute()
+    io.write_config(folder, config)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(folder / PARAMS_DIR, params)
+        ckpt.wait_until_finished()
+
+
+def read_native(folder: str | os.PathLike, abstract_params: Any, *, model: str, dtype: Any = None,
+                shardings: Any = None) -> Any:
+    """Restore the parameter tree of a jsr-format ``folder``.
+
+    Args:
+      abstract_params: the module's abstract parameters (``jsr.models.common.abstract_params``); the checkpoint
+        must have exactly this structure and these shapes.
+      model: the model's name, for error messages.
+      dtype: cast to this dtype after loading (default: as stored).
+      shardings: optional tree of ``jax.sharding.Sharding`` to restore directly onto a mesh.
+    """
+    folder = Path(folder).absolute()
+    with ocp.StandardCheckpointer() as ckpt:
+        meta = ckpt.metadata(folder / PARAMS_DIR)
+        stored = getattr(meta, "item_metadata", meta)
+        stored = getattr(stored, "tree", stored)
+        _check_structure(stored, abstract_params, model, folder)
+        target = jax.tree.map(
+            lambda a, m, s=None: jax.ShapeDtypeStruct(a.shape, m.dtype, sharding=s),
+            abstract_params, stored, *(() if shardings is None else (shardings,)))
+        params = ckpt.restore(folder / PARAMS_DIR, target)
+    if dtype is not None:
+        params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    return params
+
+
+def _check_structure(stored: Any, abstract: Any, model: str, folder: Path) -> None:
+    from flax import traverse_util
+
+    have = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(_plain(stored)).items()}
+    want = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(_plain(abstract)).items()}
+    missing = sorted("/".join(k) for k in set(want) - set(have))
+    unexpected = sorted("/".join(k) for k in set(have) - set(want))
+    shapes = [f"{'/'.join(k)} has shape {have[k]} but the model expects {want[k]}"
+              for k in sorted(set(have) & set(want)) if have[k] != want[k]]
+    problems = ([f"missing: {', '.join(missing[:12])}"] if missing else []) + \
+               ([f"unexpected: {', '.join(unexpected[:12])}"] if unexpected else []) + shapes[:12]
+    if problems:
+        from jsr.weights.convert import CheckpointMismatchError
+
+        raise CheckpointMismatchError(f"{model} checkpoint {folder} does not match the model config: "
+                                      + "; ".join(problems))
+
+
+def _plain(tree: Any) -> dict:
+    return jax.tree_util.tree_map(lambda x: x, dict(tree)) if isinstance(tree, Mapping) else tree
