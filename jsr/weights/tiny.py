@@ -1,0 +1,113 @@
+"""The embedded default model: a complete, tiny, randomly initialised SD-2-family folder.
+
+No pretrained weights exist offline, yet every entry point (training, inference, evaluation, the README's first
+command) should run end to end through the *real* loading code. :func:`write_tiny_sd` writes a diffusers-layout
+folder — ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/``, ``scheduler/``, ``model_index.json`` — with the
+``tiny`` preset's architectures (``jsr.models.presets``) and seeded random weights, which the PyTorch libraries
+load too (``StableDiffusionPipeline.from_pretrained``). The tokenizer is a genuine CLIP BPE tokenizer with the
+byte-level base vocabulary only (no merges): every word splits into characters, which is all a random text
+encoder needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+
+from jsr.models.presets import preset
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _byte_vocab() -> dict[str, int]:
+    # CLIP's byte -> printable-unicode table (GPT-2's): printable Latin-1 bytes map to themselves, the rest to
+    # U+0100 upwards, so that every byte string is a string of visible characters.
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    tokens = chars + [c + "</w>" for c in chars] + [BOS, EOS]
+    return {t: i for i, t in enumerate(tokens)}
+
+
+def write_tokenizer(folder: str | os.PathLike, max_length: int = 77) -> Path:
+    """Write a byte-level CLIP BPE tokenizer (``vocab.json``, ``merges.txt``, configs) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = _byte_vocab()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": max_length, "bos_token": BOS, "eos_token": EOS,
+        "unk_token": EOS, "pad_token": EOS, "do_lower_case": True}, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}, indent=2))
+    return folder
+
+
+def _random_params(module, seed: int, std: float = 0.02):
+    # Flax's default inits, then every leaf perturbed: zero-initialised layers (biases, norms' shifts) would
+    # otherwise hide mistakes in whatever consumes the model. One compiled program: eager init would compile
+    # hundreds of tiny ones.
+    @jax.jit
+    def make(key):
+        params = nn.meta.unbox(module.init(key, *module.example_inputs())["params"])
+        leaves, tree = jax.tree.flatten(params)
+        keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+        return jax.tree.unflatten(tree, [x + std * jax.random.normal(k, x.shape, x.dtype)
+                                         for x, k in zip(leaves, keys)])
+
+    return make(jax.random.key(seed))
+
+
+def write_tiny_sd(folder: str | os.PathLike, seed: int = 0, preset_name: str = "tiny") -> Path:
+    """Write a complete SD folder with random weights of the ``preset_name`` architectures; returns ``folder``.
+
+    Deterministic in ``seed``. An existing complete folder is left as it is (so repeated runs share it).
+    """
+    from jsr.weights.clip_text import save_text_encoder, text_encoder_from_config
+    from jsr.weights.unet import save_unet, unet_from_config
+    from jsr.weights.vae import save_vae, vae_from_config
+
+    folder = Path(folder)
+    if (folder / "model_index.json").is_file():
+        return folder
+    cfg = preset(preset_name)
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    unet = unet_from_config(cfg["unet"])
+    save_unet(unet, _random_params(unet, seed), tmp / "unet")
+    vae = vae_from_config(cfg["vae"])
+    save_vae(vae, _random_params(vae, seed + 10), tmp / "vae")
+    text = text_encoder_from_config(cfg["text_encoder"])
+    save_text_encoder(text, _random_params(text, seed + 20), tmp / "text_encoder")
+    write_tokenizer(tmp / "tokenizer", cfg["text_encoder"]["max_position_embeddings"])
+    (tmp / "scheduler").mkdir(parents=True, exist_ok=True)
+    (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg["scheduler"], indent=2))
+    (tmp / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_jsr_preset": preset_name, "_jsr_seed": seed,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
+        "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2))
+    try:
+        tmp.rename(folder)  # atomic: a concurrent writer or a crash never leaves a half folder in place
+    except OSError:
+        if not (folder / "model_index.json").is_file():
+            raise
+    return folder
+
+
+def default_tiny_sd_dir() -> Path:
+    """Where the embedded default lives: ``$JSR_CACHE`` or ``~/.cache/jsr``, ``/tiny-sd``."""
+    root = Path(os.environ.get("JSR_CACHE", Path.home() / ".cache" / "jsr"))
+    return root / "tiny-sd"
+
