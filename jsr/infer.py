@@ -1,0 +1,352 @@
+"""``python -m jsr.infer``: restore image files, folders or globs with a one-step SR model.
+
+    python -m jsr.infer photo.jpg --model sd21-base/ --lora export/student --control-lora export/control --t 0.3
+
+Files: a folder contributes its image files (by extension, not recursive); a glob its matches; a file is taken
+as given. Each LQ is upscaled (bicubic, ``--upscale 4``) and restored by :class:`jsr.sr.infer.Restorer` (any
+size, tiled when large, colour-fixed). Same-size inputs are batched. Outputs go next to each input
+(``<stem><suffix>.<ext>``, suffix ``_sr``) or into ``--output``; an output name that would land on an input is
+changed (:func:`plan_outputs`), so inputs are never overwritten. A file that cannot be read (missing, empty, not
+an image PIL can decode) is reported and skipped; the others complete, and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from jsr.sr import colorfix
+from jsr.sr.infer import METHODS, Restorer, RestoreOptions, check_options, load_restorer, upscale_bicubic
+
+IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
+
+
+class BadImageError(ValueError):
+    """An input that cannot be restored (unreadable, empty, not a supported image); the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    """One input that was skipped: its path (or the pattern that matched nothing) and why."""
+
+    path: str
+    reason: str
+
+
+@dataclasses.dataclass
+class RunReport:
+    """What :func:`restore` did: ``done`` maps input -> output path; ``failed`` lists skipped inputs."""
+
+    done: dict[str, str] = dataclasses.field(default_factory=dict)
+    failed: list[Failure] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Files in and out
+
+
+def collect_inputs(specs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Failure]]:
+    """Expand files, folders (their image files, sorted, not recursive) and globs (``**`` allowed) into a list
+    of files without duplicates, in order. A spec that names nothing is a :class:`Failure`."""
+    files: list[Path] = []
+    failed: list[Failure] = []
+    for spec in specs:
+        spec = str(spec)
+        p = Path(spec)
+        if p.is_dir():
+            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+            if not found:
+                failed.append(Failure(spec, f"folder has no image files ({', '.join(sorted(IMAGE_EXTS))})"))
+            files += found
+        elif p.exists():
+            files.append(p)
+        elif glob.has_magic(spec):
+            found = sorted(Path(m) for m in glob.glob(spec, recursive=True) if Path(m).is_file())
+            if not found:
+                failed.append(Failure(spec, "no file matches this pattern"))
+            files += found
+        else:
+            failed.append(Failure(spec, "no such file or folder"))
+    seen: set[Path] = set()
+    unique = []
+    for f in files:
+        key = f.resolve()
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique, failed
+
+
+def plan_outputs(files: Sequence[Path], output: str | os.PathLike | None = None, suffix: str = "_sr",
+                 ext: str = "png") -> dict[Path, Path]:
+    """The output path of every input: ``<output or input folder>/<stem><suffix>.<ext>``.
+
+    Inputs are never overwritten, whatever ``output`` and ``suffix`` are: a name that is already planned or that
+    is (or links to) an input file becomes ``<stem>_<input ext><suffix>.<ext>`` (``a.jpg`` and ``a.png`` ->
+    ``a_jpg_sr.png``, ``a_png_sr.png``; with an empty suffix into the input folder, ``a.png`` -> ``a_png.png``),
+    then ``<stem>_<input ext><suffix>_<n>.<ext>``.
+    """
+    ext = ext.lstrip(".").lower()
+    inputs = {f.resolve() for f in files}
+    taken: set[Path] = set()
+    plan: dict[Path, Path] = {}
+
+    def free(p: Path) -> bool:
+        r = p.resolve()
+        return r not in taken and r not in inputs and not (p.exists() and any(_same(p, i) for i in inputs))
+
+    for f in files:
+        folder = Path(output) if output is not None else f.parent
+        tag = f"{f.stem}_{f.suffix.lstrip('.').lower() or 'noext'}"
+        out = folder / f"{f.stem}{suffix}.{ext}"
+        if not free(out):
+            out = folder / f"{tag}{suffix}.{ext}"
+        n = 2
+        while not free(out):
+            out = folder / f"{tag}{suffix}_{n}.{ext}"
+            n += 1
+        taken.add(out.resolve())
+        plan[f] = out
+    return plan
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(H, W)`` of an image file as it will be read (EXIF orientation applied), from its header only.
+
+    Raises:
+      BadImageError: empty file or not an image PIL can identify.
+    """
+    try:
+        if path.stat().st_size == 0:
+            raise BadImageError(f"{path}: empty file (0 bytes)")
+        with Image.open(path) as im:
+            w, h = im.size
+            # EXIF orientations 5-8 are transposes: the image reads back as W x H.
+            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                h, w = w, h
+    except BadImageError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise BadImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    if h == 0 or w == 0:
+        raise BadImageError(f"{path}: image has size {w}x{h}")
+    return h, w
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image file as float32 [H, W, 3] RGB in [0, 1] (EXIF orientation applied; alpha dropped; 16-bit
+    greyscale scaled by 1/65535; palette, greyscale and CMYK converted to RGB).
+
+    Raises:
+      BadImageError: empty, truncated, or not an image PIL can decode.
+    """
+    try:
+        if path.stat().st_size == 0:
+            raise BadImageError(f"{path}: empty file (0 bytes)")
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            im.load()
+            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+                g = np.asarray(im, np.float32) / 65535.0
+                arr = np.repeat(g[..., None], 3, axis=-1)
+            elif im.mode == "F":
+                arr = np.repeat(np.asarray(im, np.float32)[..., None], 3, axis=-1)
+            else:
+                arr = np.asarray(im.convert("RGB"), np.float32) / 255.0
+    except BadImageError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise BadImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise BadImageError(f"{path}: decoded to an empty array of shape {arr.shape}")
+    return np.clip(arr, 0.0, 1.0)
+
+
+def write_image(path: Path, img: np.ndarray) -> None:
+    """Write [H, W, 3] float [0, 1] as 8-bit (format from the extension). Written to a temporary name in the same
+    folder and renamed, so an interrupted run never leaves a truncated output."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = np.clip(np.rint(np.asarray(img, np.float32) * 255.0), 0, 255).astype(np.uint8)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        Image.fromarray(arr).save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def restore(inputs: Sequence[str | os.PathLike], restorer: Restorer, opts: RestoreOptions = RestoreOptions(), *,
+            output: str | os.PathLike | None = None, suffix: str = "_sr", ext: str = "png", upscale: float = 4.0,
+            batch_size: int = 1, skip_existing: bool = False, progress: bool = True,
+            log: Callable[[str], None] | None = None) -> RunReport:
+    """Restore every image named by ``inputs`` (files, folders, globs) and write the results.
+
+    Same-size inputs run together in batches of ``batch_size``. Controls the restorer ignores are refused up
+    front (:func:`jsr.sr.infer.check_options`). Each bad input (and each batch whose model call raised) becomes a
+    :class:`Failure` in the report, logged through ``log`` (stderr by default); the rest complete. ``upscale``:
+    the bicubic pre-upscale of every LQ (output size / input size). Returns the :class:`RunReport`.
+    """
+    check_options(restorer, opts)
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    start = time.perf_counter()
+    report = RunReport()
+    files, failed = collect_inputs(inputs)
+    plan = plan_outputs(files, output, suffix, ext)
+
+    def fail(path: Any, reason: str) -> None:
+        report.failed.append(Failure(str(path), reason))
+        log(f"skipped {path}: {reason}")
+
+    for f in failed:
+        fail(f.path, f.reason)
+    groups: dict[tuple[int, int], list[Path]] = {}
+    for f in plan:
+        if skip_existing and plan[f].exists():
+            log(f"exists, skipped: {plan[f]}")
+            continue
+        try:
+            groups.setdefault(image_size(f), []).append(f)
+        except BadImageError as e:
+            fail(f, str(e))
+    total = sum(len(v) for v in groups.values())
+    with tqdm(total=total, unit="img", disable=not progress, file=sys.stderr) as bar:
+        for files_of_size in groups.values():
+            for i in range(0, len(files_of_size), max(1, batch_size)):
+                chunk = files_of_size[i:i + max(1, batch_size)]
+                imgs, names = [], []
+                for f in chunk:
+                    try:
+                        imgs.append(upscale_bicubic(read_image(f), upscale))
+                        names.append(f)
+                    except BadImageError as e:
+                        fail(f, str(e))
+                        bar.update(1)
+                if not imgs:
+                    continue
+                try:
+                    sr = restorer(np.stack(imgs), opts)
+                except Exception as e:  # noqa: BLE001 - one failing batch (e.g. out of memory) must not end the run
+                    for f in names:
+                        fail(f, f"restoration failed ({type(e).__name__}: {e})")
+                    bar.update(len(names))
+                    continue
+                for f, img in zip(names, sr):
+                    try:
+                        write_image(plan[f], img)
+                        report.done[str(f)] = str(plan[f])
+                    except OSError as e:
+                        fail(f, f"cannot write {plan[f]} ({e})")
+                    bar.update(1)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m jsr.infer`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m jsr.infer",
+        description="Restore images with a one-step diffusion SR model (OSEDiff, PiSA-SR or CTSR with its control "
+                    "t). Inputs: files, folders or globs; any size.")
+    p.add_argument("inputs", nargs="+", help="image files, folders (their images) or glob patterns")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", required=True, help="base SD folder (diffusers layout: unet/ vae/ text_encoder/ "
+                                                  "tokenizer/ scheduler/), or 'tiny' for the embedded tiny random "
+                                                  "model (a smoke test, no real restoration)")
+    g.add_argument("--lora", action="append", default=[],
+                   help="LoRA file or folder (repeatable): peft/diffusers safetensors, an OSEDiff/PiSA-SR .pkl, or a "
+                        "jsr training export <workdir>/export/<group> (unet/, vae/); for CTSR the stage-1 student")
+    g.add_argument("--control-lora", help="CTSR's stage-2 control LoRA, e.g. <workdir>/export/control (enables --t)")
+    g.add_argument("--sem-lora", help="PiSA-SR's semantic LoRA when --lora holds only the pixel one")
+    g.add_argument("--method", choices=METHODS, default="auto",
+                   help="auto: ctsr with --control-lora, pisasr with pixel+semantic LoRAs, else osediff")
+    g.add_argument("--prompt", default="", help="text prompt for the UNet's cross-attention (default: empty)")
+    g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                   help="parameter/compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    g.add_argument("--attention", default="auto", help="attention implementation (jsr.models.attention)")
+    g = p.add_argument_group("control")
+    g.add_argument("--t", type=float, default=0.0,
+                   help="CTSR control in [0, 1]: 0 = realism (the stage-1 output), 1 = fidelity")
+    g.add_argument("--t-steps", type=int, default=0, help="CTSR: Euler steps along the learned flow (0 = one call)")
+    g.add_argument("--t-scale", type=float, default=999.0,
+                   help="CTSR: UNet timestep = t * t-scale; must match the stage-2 training's ctsr.t_scale")
+    g.add_argument("--lambda-pix", type=float, default=1.0, help="PiSA-SR pixel guidance weight")
+    g.add_argument("--lambda-sem", type=float, default=1.0, help="PiSA-SR semantic guidance weight")
+    g = p.add_argument_group("processing")
+    g.add_argument("--upscale", type=float, default=4.0, help="output size / input size (bicubic pre-upscale)")
+    g.add_argument("--color-fix", choices=colorfix.METHODS, default="adain")
+    g.add_argument("--latent-tile", type=int, default=96, help="UNet tile size in latent pixels (x8 in the image)")
+    g.add_argument("--latent-overlap", type=int, default=32, help="UNet tile overlap in latent pixels")
+    g.add_argument("--vae-tile", type=int, default=1024, help="VAE tile size in output pixels (0: never tile)")
+    g.add_argument("--vae-overlap", type=int, default=64, help="VAE tile overlap in output pixels")
+    g.add_argument("--tiles-per-call", type=int, default=1, help="tiles batched per UNet/VAE call")
+    g.add_argument("--batch-size", type=int, default=1, help="same-size images restored together")
+    g = p.add_argument_group("output")
+    g.add_argument("--output", "-o", help="output folder (default: next to each input)")
+    g.add_argument("--suffix", default="_sr", help="appended to each output's file stem (default _sr)")
+    g.add_argument("--ext", default="png", choices=("png", "jpg", "webp", "bmp", "tif"), help="output format")
+    g.add_argument("--skip-existing", action="store_true", help="leave inputs whose output exists alone")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m jsr.infer``. Returns the exit status: 0 when every input was restored, 1 when some were
+    skipped (each is listed on stderr), 2 when the model could not be loaded or the arguments are invalid."""
+    args = build_parser().parse_args(argv)
+    try:
+        opts = RestoreOptions(t=args.t, t_steps=args.t_steps, lambda_pix=args.lambda_pix,
+                              lambda_sem=args.lambda_sem, color_fix=args.color_fix, latent_tile=args.latent_tile,
+                              latent_overlap=args.latent_overlap, vae_tile=args.vae_tile,
+                              vae_overlap=args.vae_overlap, tiles_per_call=args.tiles_per_call)
+        if args.upscale <= 0:
+            raise ValueError(f"--upscale must be positive, got {args.upscale}")
+        restorer = load_restorer(args.model, args.lora, control_lora=args.control_lora, sem_lora=args.sem_lora,
+                                 method=args.method, dtype=args.dtype, prompt=args.prompt, t_scale=args.t_scale,
+                                 attention_impl=args.attention)
+        check_options(restorer, opts)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    report = restore(args.inputs, restorer, opts, output=args.output, suffix=args.suffix, ext=args.ext,
+                     upscale=args.upscale, batch_size=args.batch_size, skip_existing=args.skip_existing,
+                     progress=not args.no_progress)
+    n = len(report.done)
+    per = f", {report.seconds / n:.2f} s/image" if n else ""
+    print(f"restored {n} image(s) with {restorer.method} in {report.seconds:.1f} s{per}", file=sys.stderr)
+    if report.failed:
+        print(f"{len(report.failed)} input(s) failed:", file=sys.stderr)
+        for f in report.failed:
+            print(f"  {f.path}: {f.reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
