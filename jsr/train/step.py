@@ -111,7 +111,8 @@ def make_train_step(updates: Sequence[Update], accum_steps: int = 1) -> Callable
     """``step(state, frozen, batch) -> (state, metrics)``; jit it with shardings (``jsr.train.loop``).
 
     ``metrics`` holds every update's named loss parts (prefixed by the group), ``<group>/loss``,
-    ``<group>/grad_norm`` and ``<group>/skipped`` (1.0 when a non-finite update was dropped).
+    ``<group>/grad_norm``, ``<group>/skipped`` (1.0 when a non-finite update was dropped) and
+    ``nonfinite_steps`` (consecutive steps with a dropped update, including this one).
     """
 
     def step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array]):
@@ -137,6 +138,7 @@ def make_train_step(updates: Sequence[Update], accum_steps: int = 1) -> Callable
         new_state = TrainState(step=state.step + 1, rng=jax.random.key_data(rng), params=params,
                                opt_state=opt_state,
                                nonfinite=jnp.where(any_bad, state.nonfinite + 1, 0).astype(jnp.int32))
+        metrics["nonfinite_steps"] = new_state.nonfinite.astype(jnp.float32)
         return new_state, metrics
 
     return step

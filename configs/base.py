@@ -1,0 +1,78 @@
+"""Shared defaults of every jsr training config (big_vision style: ``get_config(arg)`` returns a ConfigDict).
+
+Override anything on the command line: ``--config.optim.lr=1e-4 --config.data.path=/data/imgs``.
+"""
+
+import ml_collections
+
+from jsr.data import pipeline
+from jsr.sr.prompts import DEFAULT_NEGATIVE_PROMPT
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """Defaults shared by all methods; ``arg`` is unused here (method configs parse their own)."""
+    del arg
+    c = ml_collections.ConfigDict()
+    c.method = "osediff"
+    c.seed = 0
+    c.total_steps = 20_000
+    c.multihost = ml_collections.config_dict.placeholder(bool)  # None: decide from the environment
+
+    # The frozen base: a diffusers SD folder ("" = the embedded tiny random model, no weights needed).
+    c.model = ml_collections.ConfigDict(dict(
+        path="", dtype="bfloat16", param_dtype="bfloat16", attention="auto", remat=True, tiny_seed=0))
+
+    c.negative_prompt = DEFAULT_NEGATIVE_PROMPT
+    c.loss = ml_collections.ConfigDict(dict(
+        l2=1.0, lpips=2.0,                         # L_rec weights (OSEDiff, CTSR Eq. 1)
+        lpips_vgg="", lpips_heads="",              # torchvision vgg16-397923af.pth + lpips weights/v0.1/vgg.pth
+        vsd=1.0, vsd_t_min=20, vsd_t_max=980,      # OSEDiff VSD
+        csd=1.0, csd_t_min=20, csd_t_max=500,      # PiSA-SR CSD
+        cfg_scale=7.5))
+
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=5e-5, weight_decay=1e-2, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0, warmup_steps=0,
+        schedule="constant", accum_steps=1))
+
+    c.data = pipeline.default_config()
+    c.data.batch_size = 16
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.shard_frozen = True  # FSDP-shard the frozen base over the mesh's fsdp axis (rules in jsr.train.sharding)
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
+    c.log = ml_collections.ConfigDict(dict(every=50, image_every=1000, images=4, profile=False, profile_step=10,
+                                           profile_steps=5))
+    c.max_nonfinite = 20  # consecutive steps with a non-finite update before the run stops
+
+    # Method-specific sections (read only by their method).
+    c.pisa = ml_collections.ConfigDict(dict(pixel_steps=4000))
+    c.ctsr = ml_collections.ConfigDict(dict(stage=1, realism="", fidelity="", stage1="", g_time=5.5,
+                                            fl_weight=2.0, rn_weight=1.0, t_min=20, t_max=980, t_scale=999.0))
+    # Test hooks: NaN batches at these steps; a simulated kill / SIGTERM after a step (-1: off).
+    c.debug = ml_collections.ConfigDict(dict(nan_steps=(), crash_after_step=-1, sigterm_at_step=-1))
+    return c
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Shrink a config to run on a laptop CPU in minutes: tiny random base, synthetic 64 px data, f32."""
+    c.model.path = ""
+    c.model.dtype = "float32"
+    c.model.param_dtype = "float32"
+    c.model.remat = False
+    c.total_steps = 6
+    c.data.source = "synthetic"
+    c.data.synthetic_images = 32
+    c.data.synthetic_size = 80
+    c.data.crop_size = 64
+    c.data.batch_size = 2
+    c.data.num_workers = 0
+    c.data.prompt = "fixed"
+    c.data.prompt_text = "a photo"
+    c.checkpoint.every = 3
+    c.checkpoint.async_save = False
+    c.log.every = 1
+    c.log.image_every = 3
+    c.log.images = 2
+    c.pisa.pixel_steps = 3
+    return c

@@ -1,0 +1,25 @@
+"""CTSR (controllable one-step SR): stage 1 distils a realism and a fidelity teacher into one student; stage 2
+learns the control flow between them. ``configs/ctsr.py:stage1``, ``:stage2``, ``:stage1-tiny``, ``:stage2-tiny``.
+
+Stage 1 needs ``--config.ctsr.realism`` (an OSEDiff release .pkl / peft LoRA / jsr export folder) and
+``--config.ctsr.fidelity`` (e.g. the export of a ``configs/fidelity.py`` run). Stage 2 needs
+``--config.ctsr.stage1=<stage-1 workdir>/export/student``.
+Paper hyper-parameters: rank 4, lr 5e-5, 20k steps per stage, g_time 5.5.
+"""
+
+from configs import base
+
+
+def get_config(arg: str | None = None):
+    arg = arg or "stage1"
+    stage, _, variant = arg.partition("-")
+    if stage not in ("stage1", "stage2") or variant not in ("", "tiny"):
+        raise ValueError(f"configs/ctsr.py: unknown variant {arg!r} (want stage1, stage2, stage1-tiny, stage2-tiny)")
+    c = base.get_config()
+    c.method = "ctsr"
+    c.ctsr.stage = 1 if stage == "stage1" else 2
+    c.total_steps = 20_000
+    c.optim.lr = 5e-5
+    if variant == "tiny":
+        base.tiny(c)
+    return c

@@ -1,0 +1,140 @@
+"""End-to-end training on the embedded tiny model: CTSR stage 1 -> stage 2 through train.py, exact
+kill-and-resume, SIGTERM checkpointing, non-finite steps caught, and the sharded step equal to one device.
+
+Every run compiles a UNet forward+backward, so the runs share JAX's persistent compilation cache
+(``JAX_COMPILATION_CACHE_DIR``, set per session below) and use few steps.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import ctsr, osediff
+from jsr.train import loop
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("jsr-cache")
+    xla = tmp_path_factory.mktemp("xla-cache")
+    old = os.environ.get("JSR_CACHE")
+    os.environ["JSR_CACHE"] = str(cache)
+    jax.config.update("jax_compilation_cache_dir", str(xla))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield {"JSR_CACHE": str(cache), "JAX_COMPILATION_CACHE_DIR": str(xla),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    jax.config.update("jax_compilation_cache_dir", None)
+    if old is None:
+        os.environ.pop("JSR_CACHE", None)
+    else:
+        os.environ["JSR_CACHE"] = old
+
+
+def _osediff(**over):
+    c = osediff.get_config("tiny")
+    c.total_steps = 4
+    c.checkpoint.every = 2
+    c.log.image_every = 0
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2  # every mesh axis in use on the 8 fake devices
+    c.data.batch_size = 4
+    for k, v in over.items():
+        node = c
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return c
+
+
+def _params(summary):
+    return jax.tree.map(np.asarray, jax.device_get(summary["state"].params))
+
+
+def test_kill_and_resume_gives_the_uninterrupted_parameters(tmp_path):
+    ref = loop.train(_osediff(), tmp_path / "ref")
+    assert ref["status"] == "done" and ref["step"] == 4
+    assert np.isfinite(ref["metrics"]["gen/loss"]) and ref["metrics"]["gen/vsd"] > 0
+
+    run = tmp_path / "run"
+    pre = loop.train(_osediff(**{"debug.sigterm_at_step": 1}), run)  # SIGTERM -> save at the step boundary
+    assert pre["status"] == "preempted" and pre["step"] == 1
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [1]
+    with pytest.raises(SystemExit, match="simulated crash"):
+        loop.train(_osediff(**{"debug.crash_after_step": 3}), run)  # dies after step 3; last checkpoint is 2
+    done = loop.train(_osediff(), run)  # resumes from step 2
+    assert done["status"] == "done" and done["step"] == 4
+    jax.tree.map(np.testing.assert_array_equal, _params(done), _params(ref))
+    assert (run / "export" / "gen" / "unet" / "adapter_model.safetensors").is_file()
+    assert (run / "tensorboard").is_dir() and (run / "config.json").is_file()
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
+    out = loop.train(_osediff(**{"total_steps": 2, "debug.nan_steps": (1,)}), tmp_path / "a")
+    assert out["metrics"]["gen/skipped"] == 1.0 and out["metrics"]["nonfinite_steps"] == 1.0
+    with pytest.raises(loop.NonFiniteLossError, match="step 2: 2 consecutive"):
+        loop.train(_osediff(**{"total_steps": 4, "max_nonfinite": 2, "debug.nan_steps": (0, 1, 2, 3)}),
+                   tmp_path / "b")
+
+
+def test_sharded_step_equals_single_device_step():
+    from jsr.sr.base import load_base
+    from jsr.train import methods, sharding
+    from jsr.train.step import init_state, make_train_step
+
+    c = _osediff()
+    base = load_base("", dtype=jnp.float32)
+    setup = methods.build(c, base, jax.random.key(1))
+    state = init_state(setup.params, setup.all_updates, 0)
+    rng = np.random.default_rng(0)
+    batch = {"hq": rng.uniform(size=(8, 64, 64, 3)).astype(np.float32),
+             "lq": rng.uniform(size=(8, 64, 64, 3)).astype(np.float32),
+             "c": np.asarray(base.prompts(["a photo"] * 8))}
+    step = make_train_step(setup.phases[0][1])
+    ref_state, ref_m = jax.jit(step)(state, setup.frozen, batch)
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    frozen_sh = loop._frozen_shardings(setup.frozen, base, mesh, True)
+    rep = sharding.replicated(mesh)
+    state_sh = jax.tree.map(lambda _: rep, state)
+    batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+    out_state, m = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, rep))(
+        jax.device_put(state, state_sh), jax.device_put(setup.frozen, frozen_sh), jax.device_put(batch, batch_sh))
+    assert any(len(s.sharding.spec) and s.sharding.spec[-1] == "fsdp"
+               for s in jax.tree.leaves(jax.device_put(setup.frozen["unet"], frozen_sh["unet"])))
+    # Same math on 8 devices with a different reduction order: f32 round-off only.
+    for a, b in zip(jax.tree.leaves(out_state.params), jax.tree.leaves(ref_state.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(m["gen/loss"], ref_m["gen/loss"], rtol=1e-5)
+
+
+def test_ctsr_stage1_then_stage2_through_train_py(tmp_path, _cache):
+    env = dict(os.environ, **_cache, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    s1 = tmp_path / "s1"
+    cmd = [sys.executable, "train.py", "--config", "configs/ctsr.py:stage1-tiny", "--workdir", str(s1),
+           "--config.total_steps=2"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "training done at step 2" in r.stdout
+    student = s1 / "export" / "student"
+    assert (student / "unet" / "adapter_model.safetensors").is_file()
+    s2 = tmp_path / "s2"
+    cmd = [sys.executable, "train.py", "--config", "configs/ctsr.py:stage2-tiny", "--workdir", str(s2),
+           "--config.total_steps=2", f"--config.ctsr.stage1={student}"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (s2 / "export" / "control" / "unet" / "adapter_model.safetensors").is_file()
+    assert "ctrl" in r.stderr  # the control loss was logged
+
+
+def test_config_variants_and_errors():
+    assert ctsr.get_config("stage2").ctsr.stage == 2
+    with pytest.raises(ValueError, match="unknown variant"):
+        ctsr.get_config("stage3")
+    with pytest.raises(ValueError, match="unknown variant"):
+        osediff.get_config("huge")
