@@ -37,7 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = pipeline.default_config()
     c.data.batch_size = 16
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=-1))  # -1: every device
     c.shard_frozen = True  # FSDP-shard the frozen base over the mesh's fsdp axis (rules in jsr.train.sharding)
 
     c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))

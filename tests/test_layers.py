@@ -21,10 +21,11 @@ def _nchw(x):
     return torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
 
 
+@pytest.mark.parametrize("size", [9, 20])  # 9x9 takes the im2col path, 20x20 XLA's conv
 @pytest.mark.parametrize("stride,pad,tpad", [((1, 1), ((1, 1), (1, 1)), 1), ((2, 2), ((1, 1), (1, 1)), 1),
                                              ((2, 2), ((0, 1), (0, 1)), None)])
-def test_conv_matches_torch(stride, pad, tpad):
-    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 4))
+def test_conv_matches_torch(stride, pad, tpad, size):
+    x = jax.random.normal(jax.random.key(0), (2, size, size, 4))
     m = Conv(6, strides=stride, padding=pad)
     p = m.init(jax.random.key(1), x)["params"]
     p = nn.meta.unbox(p)

@@ -66,7 +66,9 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
     sharding.maybe_initialize_distributed(config.multihost)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-    mesh = sharding.make_mesh(**config.mesh)
+    mesh_cfg = dict(config.mesh)
+    n = mesh_cfg.pop("num_devices", -1)
+    mesh = sharding.make_mesh(**mesh_cfg, devices=None if n in (-1, None) else jax.devices()[:n])
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), jax.device_count(), jax.default_backend())
 
     t0 = time.perf_counter()
