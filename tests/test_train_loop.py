@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import ctsr, osediff
+from configs import ctsr, fidelity, osediff
 from jsr.train import loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,13 +37,15 @@ def _cache(tmp_path_factory):
         os.environ["JSR_CACHE"] = old
 
 
-def _osediff(**over):
-    c = osediff.get_config("tiny")
+def _config(name="fidelity", **over):
+    # The fidelity method without LPIPS is the cheapest step to compile (one UNet and VAE forward/backward);
+    # one device, so the runs share one compiled program through the persistent cache.
+    c = {"fidelity": fidelity, "osediff": osediff}[name].get_config("tiny")
+    c.loss.lpips = 0.0
     c.total_steps = 4
     c.checkpoint.every = 2
     c.log.image_every = 0
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 2  # every mesh axis in use on the 8 fake devices
-    c.data.batch_size = 4
+    c.mesh.num_devices = 1
     for k, v in over.items():
         node = c
         *parents, leaf = k.split(".")
@@ -58,17 +60,17 @@ def _params(summary):
 
 
 def test_kill_and_resume_gives_the_uninterrupted_parameters(tmp_path):
-    ref = loop.train(_osediff(), tmp_path / "ref")
+    ref = loop.train(_config(), tmp_path / "ref")
     assert ref["status"] == "done" and ref["step"] == 4
-    assert np.isfinite(ref["metrics"]["gen/loss"]) and ref["metrics"]["gen/vsd"] > 0
+    assert np.isfinite(ref["metrics"]["gen/loss"]) and ref["metrics"]["gen/rec_l2"] > 0
 
     run = tmp_path / "run"
-    pre = loop.train(_osediff(**{"debug.sigterm_at_step": 1}), run)  # SIGTERM -> save at the step boundary
+    pre = loop.train(_config(**{"debug.sigterm_at_step": 1}), run)  # SIGTERM -> save at the step boundary
     assert pre["status"] == "preempted" and pre["step"] == 1
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [1]
     with pytest.raises(SystemExit, match="simulated crash"):
-        loop.train(_osediff(**{"debug.crash_after_step": 3}), run)  # dies after step 3; last checkpoint is 2
-    done = loop.train(_osediff(), run)  # resumes from step 2
+        loop.train(_config(**{"debug.crash_after_step": 3}), run)  # dies after step 3; last checkpoint is 2
+    done = loop.train(_config(), run)  # resumes from step 2
     assert done["status"] == "done" and done["step"] == 4
     jax.tree.map(np.testing.assert_array_equal, _params(done), _params(ref))
     assert (run / "export" / "gen" / "unet" / "adapter_model.safetensors").is_file()
@@ -76,10 +78,10 @@ def test_kill_and_resume_gives_the_uninterrupted_parameters(tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
-    out = loop.train(_osediff(**{"total_steps": 2, "debug.nan_steps": (1,)}), tmp_path / "a")
+    out = loop.train(_config(**{"total_steps": 2, "debug.nan_steps": (1,)}), tmp_path / "a")
     assert out["metrics"]["gen/skipped"] == 1.0 and out["metrics"]["nonfinite_steps"] == 1.0
     with pytest.raises(loop.NonFiniteLossError, match="step 2: 2 consecutive"):
-        loop.train(_osediff(**{"total_steps": 4, "max_nonfinite": 2, "debug.nan_steps": (0, 1, 2, 3)}),
+        loop.train(_config(**{"total_steps": 4, "max_nonfinite": 2, "debug.nan_steps": (0, 1, 2, 3)}),
                    tmp_path / "b")
 
 
@@ -88,7 +90,7 @@ def test_sharded_step_equals_single_device_step():
     from jsr.train import methods, sharding
     from jsr.train.step import init_state, make_train_step
 
-    c = _osediff()
+    c = _config()
     base = load_base("", dtype=jnp.float32)
     setup = methods.build(c, base, jax.random.key(1))
     state = init_state(setup.params, setup.all_updates, 0)
@@ -105,8 +107,8 @@ def test_sharded_step_equals_single_device_step():
     batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
     out_state, m = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, rep))(
         jax.device_put(state, state_sh), jax.device_put(setup.frozen, frozen_sh), jax.device_put(batch, batch_sh))
-    assert any(len(s.sharding.spec) and s.sharding.spec[-1] == "fsdp"
-               for s in jax.tree.leaves(jax.device_put(setup.frozen["unet"], frozen_sh["unet"])))
+    specs = [s.spec for s in jax.tree.leaves(frozen_sh["unet"])]
+    assert any("fsdp" in spec for spec in specs)  # the frozen base really is FSDP-sharded
     # Same math on 8 devices with a different reduction order: f32 round-off only.
     for a, b in zip(jax.tree.leaves(out_state.params), jax.tree.leaves(ref_state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
@@ -130,6 +132,13 @@ def test_ctsr_stage1_then_stage2_through_train_py(tmp_path, _cache):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (s2 / "export" / "control" / "unet" / "adapter_model.safetensors").is_file()
     assert "ctrl" in r.stderr  # the control loss was logged
+
+
+def test_tensor_parallel_training_is_refused(tmp_path):
+    # Known bug: a tensor-sharded base with a batch-sharded input gives UNet outputs ~11 % off the single-device
+    # result (not yet root-caused); the loop refuses rather than train silently wrong.
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        loop.train(_config(**{"mesh.tensor": 2}), tmp_path)
 
 
 def test_config_variants_and_errors():
