@@ -1,0 +1,123 @@
+"""Benchmark a one-step SR model and write the CTSR paper's tables: ``python evaluate.py --dataset=... --out=DIR``.
+
+    python evaluate.py --model=/models/sd21-base --lora=/ckpt/ctsr1/export/student \\
+      --control_lora=/ckpt/ctsr2/export/control --t=0,0.2,0.4,0.6,0.8,1 \\
+      --dataset=RealSR:lq=/data/RealSR/test_LR,hq=/data/RealSR/test_HR \\
+      --lpips=/w/vgg16-397923af.pth,/w/lpips_vgg.pth --dists=/w/vgg16-397923af.pth,/w/DISTS_weights.pt \\
+      --fid_inception=/w/pt_inception-2015-12-05-6726825d.pth --niqe=/w/niqe_pris_params.npz --out=results/ctsr
+
+Datasets are paired LQ/HQ folders (matched by file stem) or HQ folders degraded on the fly with a fixed seed
+(``--dataset=DIV2K-Val:hq=DIR,crop=512,seed=0``). Without ``--model`` the embedded tiny random SD model runs (a
+smoke test). Writes ``results.md``/``.csv``/``.json``, ``fidelity_realism.png``, ``samples_<dataset>.png`` and the
+SR images into ``--out``; see :mod:`jsr.sr.evaluation` for the protocol.
+"""
+
+from absl import app, flags
+
+_MODEL = flags.DEFINE_string("model", "", "Base SD folder (diffusers layout); '' or 'tiny' = the embedded tiny "
+                             "random model (smoke test).")
+_LORA = flags.DEFINE_multi_string("lora", [], "LoRA file/folder (repeatable): OSEDiff/PiSA-SR .pkl, peft "
+                                  "safetensors, or a jsr export folder; for CTSR the stage-1 export.")
+_CONTROL = flags.DEFINE_string("control_lora", None, "CTSR stage-2 control LoRA (enables the --t sweep).")
+_SEM = flags.DEFINE_string("sem_lora", None, "PiSA-SR semantic LoRA when --lora holds only the pixel one.")
+_METHOD = flags.DEFINE_enum("method", "auto", ["auto", "osediff", "ctsr", "pisasr"], "Restorer method.")
+_LABEL = flags.DEFINE_string("label", None, "Method name in the tables (default CTSR / OSEDiff / PiSA-SR).")
+_NO_MODEL = flags.DEFINE_bool("no_model", False, "Measure only the --compare folders.")
+_PROMPT = flags.DEFINE_string("prompt", "", "Text prompt of the UNet.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default bf16 on GPU/TPU, "
+                           "f32 on CPU).")
+_ATTENTION = flags.DEFINE_string("attention", "auto", "Attention implementation (jsr.models.attention).")
+_T = flags.DEFINE_list("t", None, "Control values to sweep (CTSR), e.g. 0,0.2,0.4,0.6,0.8,1 (the default with a "
+                       "control LoRA); other methods run once.")
+_T_STEPS = flags.DEFINE_integer("t_steps", 0, "CTSR: Euler steps along the learned flow.")
+_T_SCALE = flags.DEFINE_float("t_scale", 999.0, "CTSR: UNet timestep = t * t_scale (as in stage-2 training).")
+_LAMBDA_PIX = flags.DEFINE_float("lambda_pix", 1.0, "PiSA-SR pixel guidance weight.")
+_LAMBDA_SEM = flags.DEFINE_float("lambda_sem", 1.0, "PiSA-SR semantic guidance weight.")
+_COLOR_FIX = flags.DEFINE_enum("color_fix", "adain", ["adain", "wavelet", "none"], "Colour fix.")
+_LATENT_TILE = flags.DEFINE_integer("latent_tile", 96, "UNet tile in latent pixels.")
+_LATENT_OVERLAP = flags.DEFINE_integer("latent_overlap", 32, "UNet tile overlap in latent pixels.")
+_VAE_TILE = flags.DEFINE_integer("vae_tile", 1024, "VAE tile in output pixels (0: never tile).")
+_VAE_OVERLAP = flags.DEFINE_integer("vae_overlap", 64, "VAE tile overlap in output pixels.")
+_UPSCALE = flags.DEFINE_integer("upscale", 4, "Output size / LQ size.")
+
+_DATASET = flags.DEFINE_multi_string("dataset", [], "Test set (repeatable): NAME:hq=DIR[,lq=DIR][,strip=REGEX]"
+                                     "[,seed=N][,crop=N][,degradation=PRESET]. With lq: paired folders; without: "
+                                     "HQ images degraded on the fly (Real-ESRGAN, fixed seed).")
+_COMPARE = flags.DEFINE_multi_string("compare", [], "Another method's SR images (repeatable): LABEL=DIR, "
+                                     "{dataset} in DIR replaced by each dataset name.")
+_MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "Use the first N images of each dataset (0: all).")
+
+_LPIPS = flags.DEFINE_list("lpips", [], "LPIPS-VGG weight files (vgg16-397923af.pth,lpips vgg.pth).")
+_DISTS = flags.DEFINE_list("dists", [], "DISTS weight files (vgg16-397923af.pth,DISTS weights.pt).")
+_INCEPTION = flags.DEFINE_string("fid_inception", "", "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (FID).")
+_NIQE = flags.DEFINE_string("niqe", "", "NIQE pristine parameters (niqe_pris_params.npz or modelparameters.mat).")
+_PYIQA = flags.DEFINE_list("pyiqa", ["auto"], "MUSIQ/MANIQA/CLIPIQA via pyiqa: auto (those available), none, "
+                           "or names.")
+_PYIQA_DEVICE = flags.DEFINE_string("pyiqa_device", "cpu", "Torch device for pyiqa.")
+_CROP_BORDER = flags.DEFINE_integer("crop_border", 0, "Pixels dropped from each edge for PSNR/SSIM.")
+_FID_BATCH = flags.DEFINE_integer("fid_batch", 50, "Images per Inception call.")
+
+_OUT = flags.DEFINE_string("out", None, "Output folder (tables, plot, samples, SR images).")
+_SAVE_IMAGES = flags.DEFINE_bool("save_images", True, "Write every SR image (and degraded LQ/HQ).")
+_SAMPLES = flags.DEFINE_integer("num_samples", 4, "Images per sample grid (0: none).")
+_SAMPLE_CROP = flags.DEFINE_integer("sample_crop", 256, "Sample crop side in output pixels.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars.")
+flags.mark_flags_as_required(["out"])
+
+DEFAULT_SWEEP = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def _floats(values):
+    try:
+        return [float(v) for v in values]
+    except ValueError:
+        raise app.UsageError(f"--t: want numbers, got {values}") from None
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not _DATASET.value:
+        raise app.UsageError("give at least one --dataset=NAME:hq=DIR[,lq=DIR]")
+    from jsr.sr import evaluation as ev
+    from jsr.sr.infer import RestoreOptions, load_restorer
+
+    try:
+        specs = [ev.parse_dataset(s) for s in _DATASET.value]
+        compare = [ev.parse_compare(s) for s in _COMPARE.value]
+        datasets = [ev.EvalDataset(s, scale=_UPSCALE.value, max_images=_MAX_IMAGES.value) for s in specs]
+        options = RestoreOptions(t_steps=_T_STEPS.value, lambda_pix=_LAMBDA_PIX.value, lambda_sem=_LAMBDA_SEM.value,
+                                 color_fix=_COLOR_FIX.value, latent_tile=_LATENT_TILE.value,
+                                 latent_overlap=_LATENT_OVERLAP.value, vae_tile=_VAE_TILE.value,
+                                 vae_overlap=_VAE_OVERLAP.value)
+    except (ValueError, FileNotFoundError) as e:
+        raise app.UsageError(str(e)) from None
+    suite = ev.load_metrics(lpips=_LPIPS.value, dists=_DISTS.value, inception=_INCEPTION.value, niqe=_NIQE.value,
+                            pyiqa=_PYIQA.value, crop_border=_CROP_BORDER.value, fid_batch=_FID_BATCH.value,
+                            pyiqa_device=_PYIQA_DEVICE.value)
+    restorer, t_values = None, None
+    if not _NO_MODEL.value:
+        restorer = load_restorer(_MODEL.value, _LORA.value, control_lora=_CONTROL.value, sem_lora=_SEM.value,
+                                 method=_METHOD.value, dtype=_DTYPE.value, prompt=_PROMPT.value,
+                                 t_scale=_T_SCALE.value, attention_impl=_ATTENTION.value)
+        if _T.value is not None:
+            t_values = _floats(_T.value)
+        elif "t" in restorer.knobs:
+            t_values = list(DEFAULT_SWEEP)
+    meta = {name: flags.FLAGS[name].value for name in (
+        "model", "lora", "control_lora", "sem_lora", "method", "prompt", "dtype", "t_scale", "dataset", "compare",
+        "max_images", "lpips", "dists", "fid_inception", "niqe", "pyiqa", "crop_border", "upscale")}
+    report = ev.evaluate(datasets, _OUT.value, restorer=restorer, suite=suite, t_values=t_values, options=options,
+                         label=_LABEL.value, compare=compare, upscale=_UPSCALE.value, save_images=_SAVE_IMAGES.value,
+                         num_samples=_SAMPLES.value, sample_crop=_SAMPLE_CROP.value, progress=_PROGRESS.value,
+                         meta=meta)
+    files = ev.write_outputs(report, _OUT.value)
+    print(ev.markdown_tables(ev.load_report(files["json"])))
+    for kind, path in files.items():
+        print(f"{kind}: {path}")
+    for name, path in report["samples"].items():
+        print(f"samples ({name}): {path}")
+
+
+if __name__ == "__main__":
+    app.run(main)
