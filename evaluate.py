@@ -12,6 +12,9 @@ smoke test). Writes ``results.md``/``.csv``/``.json``, ``fidelity_realism.png``,
 SR images into ``--out``; see :mod:`jsr.sr.evaluation` for the protocol.
 """
 
+import dataclasses
+import sys
+
 from absl import app, flags
 
 _MODEL = flags.DEFINE_string("model", "", "Base SD folder (diffusers layout); '' or 'tiny' = the embedded tiny "
@@ -56,6 +59,8 @@ _PYIQA = flags.DEFINE_list("pyiqa", ["auto"], "MUSIQ/MANIQA/CLIPIQA via pyiqa: a
 _PYIQA_DEVICE = flags.DEFINE_string("pyiqa_device", "cpu", "Torch device for pyiqa.")
 _CROP_BORDER = flags.DEFINE_integer("crop_border", 0, "Pixels dropped from each edge for PSNR/SSIM.")
 _FID_BATCH = flags.DEFINE_integer("fid_batch", 50, "Images per Inception call.")
+_FID_DIMS = flags.DEFINE_enum("fid_dims", "2048", ["64", "192", "768", "2048"], "Inception features for FID "
+                              "(2048: the standard FID; fewer as pytorch-fid's --dims).")
 
 _OUT = flags.DEFINE_string("out", None, "Output folder (tables, plot, samples, SR images).")
 _SAVE_IMAGES = flags.DEFINE_bool("save_images", True, "Write every SR image (and degraded LQ/HQ).")
@@ -71,7 +76,38 @@ def _floats(values):
     try:
         return [float(v) for v in values]
     except ValueError:
-        raise app.UsageError(f"--t: want numbers, got {values}") from None
+        raise ValueError(f"--t: want numbers, got {values}") from None
+
+
+def _setup():
+    """Datasets, metrics and model from the flags; the inputs are checked before the (slow) model load."""
+    from jsr.sr import evaluation as ev
+    from jsr.sr.infer import RestoreOptions, check_options, load_restorer
+
+    specs = [ev.parse_dataset(s) for s in _DATASET.value]
+    compare = [ev.parse_compare(s) for s in _COMPARE.value]
+    datasets = [ev.EvalDataset(s, scale=_UPSCALE.value, max_images=_MAX_IMAGES.value) for s in specs]
+    ev.check_inputs(datasets, compare, _UPSCALE.value)
+    options = RestoreOptions(t_steps=_T_STEPS.value, lambda_pix=_LAMBDA_PIX.value, lambda_sem=_LAMBDA_SEM.value,
+                             color_fix=_COLOR_FIX.value, latent_tile=_LATENT_TILE.value,
+                             latent_overlap=_LATENT_OVERLAP.value, vae_tile=_VAE_TILE.value,
+                             vae_overlap=_VAE_OVERLAP.value)
+    t_values = None if _T.value is None else _floats(_T.value)
+    suite = ev.load_metrics(lpips=_LPIPS.value, dists=_DISTS.value, inception=_INCEPTION.value, niqe=_NIQE.value,
+                            pyiqa=_PYIQA.value, crop_border=_CROP_BORDER.value, fid_batch=_FID_BATCH.value,
+                            fid_dims=int(_FID_DIMS.value), pyiqa_device=_PYIQA_DEVICE.value)
+    restorer = None
+    if not _NO_MODEL.value:
+        restorer = load_restorer(_MODEL.value, _LORA.value, control_lora=_CONTROL.value, sem_lora=_SEM.value,
+                                 method=_METHOD.value, dtype=_DTYPE.value, prompt=_PROMPT.value,
+                                 t_scale=_T_SCALE.value, attention_impl=_ATTENTION.value)
+        if t_values is None and "t" in restorer.knobs:
+            t_values = list(DEFAULT_SWEEP)
+        for t in t_values or []:  # t outside [0, 1], or a sweep on a model without the control: refused now
+            check_options(restorer, dataclasses.replace(options, t=t))
+    elif not compare:
+        raise ValueError("--no_model needs --compare folders to measure")
+    return datasets, compare, suite, restorer, t_values, options
 
 
 def main(argv):
@@ -80,33 +116,15 @@ def main(argv):
     if not _DATASET.value:
         raise app.UsageError("give at least one --dataset=NAME:hq=DIR[,lq=DIR]")
     from jsr.sr import evaluation as ev
-    from jsr.sr.infer import RestoreOptions, load_restorer
 
     try:
-        specs = [ev.parse_dataset(s) for s in _DATASET.value]
-        compare = [ev.parse_compare(s) for s in _COMPARE.value]
-        datasets = [ev.EvalDataset(s, scale=_UPSCALE.value, max_images=_MAX_IMAGES.value) for s in specs]
-        options = RestoreOptions(t_steps=_T_STEPS.value, lambda_pix=_LAMBDA_PIX.value, lambda_sem=_LAMBDA_SEM.value,
-                                 color_fix=_COLOR_FIX.value, latent_tile=_LATENT_TILE.value,
-                                 latent_overlap=_LATENT_OVERLAP.value, vae_tile=_VAE_TILE.value,
-                                 vae_overlap=_VAE_OVERLAP.value)
+        datasets, compare, suite, restorer, t_values, options = _setup()
     except (ValueError, FileNotFoundError) as e:
-        raise app.UsageError(str(e)) from None
-    suite = ev.load_metrics(lpips=_LPIPS.value, dists=_DISTS.value, inception=_INCEPTION.value, niqe=_NIQE.value,
-                            pyiqa=_PYIQA.value, crop_border=_CROP_BORDER.value, fid_batch=_FID_BATCH.value,
-                            pyiqa_device=_PYIQA_DEVICE.value)
-    restorer, t_values = None, None
-    if not _NO_MODEL.value:
-        restorer = load_restorer(_MODEL.value, _LORA.value, control_lora=_CONTROL.value, sem_lora=_SEM.value,
-                                 method=_METHOD.value, dtype=_DTYPE.value, prompt=_PROMPT.value,
-                                 t_scale=_T_SCALE.value, attention_impl=_ATTENTION.value)
-        if _T.value is not None:
-            t_values = _floats(_T.value)
-        elif "t" in restorer.knobs:
-            t_values = list(DEFAULT_SWEEP)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     meta = {name: flags.FLAGS[name].value for name in (
         "model", "lora", "control_lora", "sem_lora", "method", "prompt", "dtype", "t_scale", "dataset", "compare",
-        "max_images", "lpips", "dists", "fid_inception", "niqe", "pyiqa", "crop_border", "upscale")}
+        "max_images", "lpips", "dists", "fid_inception", "niqe", "pyiqa", "crop_border", "fid_dims", "upscale")}
     report = ev.evaluate(datasets, _OUT.value, restorer=restorer, suite=suite, t_values=t_values, options=options,
                          label=_LABEL.value, compare=compare, upscale=_UPSCALE.value, save_images=_SAVE_IMAGES.value,
                          num_samples=_SAMPLES.value, sample_crop=_SAMPLE_CROP.value, progress=_PROGRESS.value,
@@ -117,6 +135,7 @@ def main(argv):
         print(f"{kind}: {path}")
     for name, path in report["samples"].items():
         print(f"samples ({name}): {path}")
+    return 0
 
 
 if __name__ == "__main__":
