@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from jsr.models import common
-from jsr.models.clip_text import CLIPTextConfig, CLIPTextModel, Tokenizer, tokenize
+from jsr.models.clip_text import CLIPTextConfig, Tokenizer, tokenize
 from jsr.weights import convert, io
 from jsr.weights.clip_text import CLIP_INDEXED, WEIGHTS_NAME, load_text_encoder, save_text_encoder
 

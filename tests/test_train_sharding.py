@@ -1,6 +1,5 @@
 """Mesh construction and logical-axis sharding on 8 fake CPU devices (set in conftest)."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P

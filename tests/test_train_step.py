@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from jsr.train import sharding
-from jsr.train.step import TrainState, Update, init_state, make_optimizer, make_train_step
+from jsr.train.step import Update, init_state, make_optimizer, make_train_step
 
 
 def _regression_loss(params, frozen, batch, rng, carry):

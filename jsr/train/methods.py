@@ -146,11 +146,9 @@ def build(config, base: Base, rng: jax.Array) -> MethodSetup:
     """The :class:`MethodSetup` of ``config.method`` (``config.ctsr.stage`` picks CTSR's stage)."""
     m = base.models
     lw = config.loss
-    lpips_fn = losses.lpips_loss_fn(None) if False else None  # noqa: F841 - built per call below
     frozen: dict[str, Any] = {"unet": base.unet_params, "vae": base.vae_params,
                               "c_neg": base.prompts.negative(config.negative_prompt)}
-    needs_lpips = config.method in ("osediff", "fidelity", "pisa", "ctsr") and lw.lpips > 0
-    if needs_lpips and not (config.method == "ctsr" and config.ctsr.stage == 2):
+    if lw.lpips > 0 and not (config.method == "ctsr" and config.ctsr.stage == 2):  # stage 2 has no L_rec
         frozen["lpips"] = _lpips_params(config, base, jax.random.fold_in(rng, 7))
 
     def rec(x_sr, x_hq, frozen_, l2=lw.l2, lp=lw.lpips):
