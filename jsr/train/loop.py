@@ -162,7 +162,8 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
                 sr = (preview(state.params, frozen, x_lq, device_batch["c"][:n]) + 1) / 2
                 writer.write_images(step, {"lq_sr_hq": np.concatenate(
                     [np.asarray(device_batch["lq"][:n]), np.asarray(sr), np.asarray(device_batch["hq"][:n])], 2)})
-            ckpt.save(step, state, it.get_state())
+            if ckpt.should_save(step):  # the iterator state is only read when a checkpoint is written
+                ckpt.save(step, state, it.get_state())
             if step == config.debug.sigterm_at_step:
                 os.kill(os.getpid(), signal.SIGTERM)  # exercises the real handler, as a preempted VM would
             if step == config.debug.crash_after_step:
