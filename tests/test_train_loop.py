@@ -100,7 +100,7 @@ def test_sharded_step_equals_single_device_step():
              "c": np.asarray(base.prompts(["a photo"] * 8))}
     step = make_train_step(setup.phases[0][1])
     ref_state, ref_m = jax.jit(step)(state, setup.frozen, batch)
-    mesh = sharding.make_mesh(data=2, fsdp=4)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)  # every kind of parallelism at once
     frozen_sh = loop._frozen_shardings(setup.frozen, base, mesh, True)
     rep = sharding.replicated(mesh)
     state_sh = jax.tree.map(lambda _: rep, state)
@@ -108,8 +108,11 @@ def test_sharded_step_equals_single_device_step():
     out_state, m = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, rep))(
         jax.device_put(state, state_sh), jax.device_put(setup.frozen, frozen_sh), jax.device_put(batch, batch_sh))
     specs = [s.spec for s in jax.tree.leaves(frozen_sh["unet"])]
-    assert any("fsdp" in spec for spec in specs)  # the frozen base really is FSDP-sharded
-    # Same math on 8 devices with a different reduction order: f32 round-off only.
+    assert any("fsdp" in spec for spec in specs)  # the frozen base really is FSDP-sharded...
+    assert any("tensor" in spec for spec in specs)  # ...and tensor-sharded
+    # Same math on 8 devices with a different reduction order: f32 round-off only. The gradients agree to ~1e-6
+    # relative; AdamW's first step (B factors start at 0, update ~ lr * g / (|g| + eps)) amplifies the round-off
+    # of gradients near eps, hence the absolute floor (measured max |diff| 7e-8 at lr 5e-5).
     for a, b in zip(jax.tree.leaves(out_state.params), jax.tree.leaves(ref_state.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(m["gen/loss"], ref_m["gen/loss"], rtol=1e-5)
@@ -132,13 +135,6 @@ def test_ctsr_stage1_then_stage2_through_train_py(tmp_path, _cache):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (s2 / "export" / "control" / "unet" / "adapter_model.safetensors").is_file()
     assert "ctrl" in r.stderr  # the control loss was logged
-
-
-def test_tensor_parallel_training_is_refused(tmp_path):
-    # Known bug: a tensor-sharded base with a batch-sharded input gives UNet outputs ~11 % off the single-device
-    # result (not yet root-caused); the loop refuses rather than train silently wrong.
-    with pytest.raises(ValueError, match="tensor parallelism"):
-        loop.train(_config(**{"mesh.tensor": 2}), tmp_path)
 
 
 def test_config_variants_and_errors():

@@ -1,5 +1,6 @@
 """Mesh construction and logical-axis sharding on 8 fake CPU devices (set in conftest)."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -43,3 +44,27 @@ def test_sharded_params_give_the_same_output():
     f = jax.jit(lambda p, x: model.apply({"params": p}, x))
     np.testing.assert_allclose(np.asarray(f(sharded, xs)), np.asarray(f(params, x)), rtol=1e-5, atol=1e-6)
     assert len(sharded["to_out_0"]["kernel"].addressable_shards) == 8
+
+
+@pytest.mark.xfail(strict=True, reason="XLA SPMD miscompile (jax 0.10.2, XLA:CPU): two chained Dense layers both "
+                   "sharded (fsdp, tensor) with a LoRA on the first get wrong gradients on a 2x2x2 mesh")
+def test_xla_spmd_miscompile_is_still_present():
+    # Why Transformer2DModel names proj_in's output "embed" rather than "mlp" (jsr/models/unet_blocks.py). Strict
+    # xfail: when a jax upgrade fixes the compiler this test fails, and the workaround's comment can be updated.
+    from jax.sharding import NamedSharding
+
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    k = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(k[0], (8, 16, 64))
+    w1, w2 = jax.random.normal(k[1], (64, 64)), jax.random.normal(k[2], (64, 64))
+    a, b = jax.random.normal(k[3], (64, 4)), jax.random.normal(k[4], (4, 64))
+
+    def loss(a, b, w1, w2, x):
+        return jnp.sum(jnp.square((x @ w1 + (x @ a) @ b) @ w2 - 0.3))
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    ref = grad(a, b, w1, w2, x)
+    put = lambda v, *spec: jax.device_put(v, NamedSharding(mesh, P(*spec)))
+    out = grad(a, b, put(w1, "fsdp", "tensor"), put(w2, "fsdp", "tensor"), put(x, ("data", "fsdp")))
+    for o, r in zip(out, ref):  # f32 round-off only, were the compiler right (measured 2e-7 on other meshes)
+        np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=1e-4, atol=1e-3 * float(jnp.abs(r).max()))

@@ -248,11 +248,17 @@ class Transformer2DModel(nn.Module):
             return Conv(features, kernel_size=(1, 1), padding="VALID", dtype=self.dtype, name=name)
 
         h = GroupNorm(self.groups, 1e-6, dtype=self.dtype, name="norm")(x)
-        h = proj(inner, "proj_in", ("embed", "mlp"))(h).reshape(b, hh * ww, inner)
+        # proj_in's output is the transformer blocks' residual stream, so both of its axes are "embed" (the
+        # second use of a mesh axis in one array replicates): the stream stays unsplit over `tensor`, as in
+        # Megatron-style layouts. Naming the output "mlp" also tripped an XLA SPMD miscompile (jax 0.10.2,
+        # XLA:CPU, Shardy and GSPMD alike): on a data x fsdp x tensor mesh, a Dense sharded (fsdp, tensor) with a
+        # LoRA, feeding another Dense sharded (fsdp, tensor), got gradients 40-60 % wrong
+        # (tests/test_train_sharding.py::test_xla_spmd_miscompile_is_still_present keeps the repro).
+        h = proj(inner, "proj_in", ("embed", "embed"))(h).reshape(b, hh * ww, inner)
         for i in range(self.num_layers):
             h = BasicTransformerBlock(self.heads, self.head_dim, self.only_cross_attention, dtype=self.dtype,
                                       attention_impl=self.attention_impl, name=f"transformer_blocks_{i}")(h, context)
-        h = proj(c, "proj_out", ("mlp", "embed"))(h.reshape(b, hh, ww, inner))
+        h = proj(c, "proj_out", ("embed", "embed"))(h.reshape(b, hh, ww, inner))
         return h + x.astype(h.dtype)
 
 
