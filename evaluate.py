@@ -9,7 +9,7 @@
 Datasets are paired LQ/HQ folders (matched by file stem) or HQ folders degraded on the fly with a fixed seed
 (``--dataset=DIV2K-Val:hq=DIR,crop=512,seed=0``). Without ``--model`` the embedded tiny random SD model runs (a
 smoke test). Writes ``results.md``/``.csv``/``.json``, ``fidelity_realism.png``, ``samples_<dataset>.png`` and the
-SR images into ``--out``; see :mod:`jsr.sr.evaluation` for the protocol.
+SR images into ``--out``; see :mod:`jsr.eval` for the protocol.
 """
 
 import dataclasses
@@ -74,14 +74,17 @@ DEFAULT_SWEEP = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 def _floats(values):
     try:
-        return [float(v) for v in values]
+        out = [float(v) for v in values]
     except ValueError:
         raise ValueError(f"--t: want numbers, got {values}") from None
+    if not out:
+        raise ValueError("--t: no values given")
+    return out
 
 
 def _setup():
     """Datasets, metrics and model from the flags; the inputs are checked before the (slow) model load."""
-    from jsr.sr import evaluation as ev
+    import jsr.eval as ev
     from jsr.sr.infer import RestoreOptions, check_options, load_restorer
 
     specs = [ev.parse_dataset(s) for s in _DATASET.value]
@@ -103,8 +106,11 @@ def _setup():
                                  t_scale=_T_SCALE.value, attention_impl=_ATTENTION.value)
         if t_values is None and "t" in restorer.knobs:
             t_values = list(DEFAULT_SWEEP)
-        for t in t_values or []:  # t outside [0, 1], or a sweep on a model without the control: refused now
-            check_options(restorer, dataclasses.replace(options, t=t))
+        # t outside [0, 1], a sweep on a model without the control, or another control it ignores (--t_steps,
+        # --lambda_*): refused here, where main reports it as an error (raised in ev.evaluate: a traceback).
+        runs = [options] if t_values is None else [dataclasses.replace(options, t=t) for t in t_values]
+        for opts in runs:
+            check_options(restorer, opts)
     elif not compare:
         raise ValueError("--no_model needs --compare folders to measure")
     return datasets, compare, suite, restorer, t_values, options
@@ -115,7 +121,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not _DATASET.value:
         raise app.UsageError("give at least one --dataset=NAME:hq=DIR[,lq=DIR]")
-    from jsr.sr import evaluation as ev
+    import jsr.eval as ev
 
     try:
         datasets, compare, suite, restorer, t_values, options = _setup()

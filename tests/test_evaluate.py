@@ -1,7 +1,7 @@
-"""evaluate.py and jsr.sr.evaluation: dataset specs and their errors, on-the-fly degradation, compare folders (with a
-stand-in restorer), and evaluate.py end to end on the embedded tiny random SD model with a CTSR control LoRA and
+"""evaluate.py and jsr.eval: dataset specs and their errors, on-the-fly degradation, compare folders (with a
+stand-in restorer), evaluate.py end to end on the embedded tiny random SD model with a CTSR control LoRA and
 random-weight LPIPS / DISTS / Inception / NIQE: tables, plot and samples, and the JSON's numbers against direct
-computations."""
+computations; and the message evaluate.py prints for a control the model ignores."""
 
 import csv
 import json
@@ -24,8 +24,8 @@ from jsr.metrics import fid as fid_lib
 from jsr.metrics import lpips as lpips_lib
 from jsr.metrics import niqe as niqe_lib
 from jsr.metrics.inception import FIDInceptionV3, load_inception_params, save_inception_weights
+import jsr.eval as ev
 from jsr.models.common import abstract_params
-from jsr.sr import evaluation as ev
 from jsr.sr import infer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +75,12 @@ def test_parse_dataset():
         ev.parse_compare("/r/sr")
 
 
+def test_t_label():
+    assert [ev.t_label(t) for t in (None, 0.0, 0.2, 1.0, 0.25)] == ["", "0.0", "0.2", "1.0", "0.25"]
+    # Values that differ past 6 digits keep distinct labels (and output folders).
+    assert ev.t_label(0.1234567) != ev.t_label(0.1234568)
+
+
 def test_dataset_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         ev.EvalDataset(ev.parse_dataset(f"X:hq={tmp_path / 'none'}"))
@@ -93,6 +99,8 @@ def test_dataset_errors(tmp_path):
         ev.check_inputs([ds], upscale=3)
     with pytest.raises(ValueError, match="unique"):
         ev.check_inputs([ds, ds])
+    with pytest.raises(ValueError, match="degraded by x4, the evaluation upscales by x2"):  # before any model runs
+        ev.check_inputs([ev.EvalDataset(ev.parse_dataset(f"Y:hq={hq}"))], upscale=2)
 
 
 def test_cli_reports_bad_input_before_loading_a_model(tmp_path):
@@ -100,7 +108,8 @@ def test_cli_reports_bad_input_before_loading_a_model(tmp_path):
     for args, msg in (([f"--dataset=X:hq={tmp_path / 'none'}"], "HQ folder .* does not exist"),
                       ([f"--dataset=X:lq={lq},hq={hq}", "--no_model"], "--no_model needs --compare"),
                       ([f"--dataset=X:lq={lq},hq={hq}", "--compare=B=/nonexistent/{dataset}"],
-                       "compare B: folder '/nonexistent/X'")):
+                       "compare B: folder '/nonexistent/X'"),
+                      ([f"--dataset=X:lq={lq},hq={hq}", "--t="], "--t: no values given")):
         proc = subprocess.run([sys.executable, "evaluate.py", f"--out={tmp_path / 'o'}"] + args, cwd=REPO,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and re.search("error: .*" + msg, proc.stderr), proc.stderr[-2000:]
@@ -176,6 +185,7 @@ def test_evaluate_degraded_set_with_compare_folder(tmp_path):
     with Image.open(out / "samples_Syn.png") as im:
         # 6 columns (LQ, Bicubic, 3 t, HQ; at least the crop wide, wider for their titles) by 2 rows of 32 px.
         assert (im.size[0] - 7 * 4) % 6 == 0 and im.size[0] >= 6 * 32 + 7 * 4 and im.size[1] == 18 + 2 * 32 + 3 * 4
+    (out / "fidelity_realism.png").write_bytes(b"an earlier run's plot")
     files = ev.write_outputs(report, out)
     assert "plot" not in files and not (out / "fidelity_realism.png").exists()  # PSNR only: no realism axis
     # Re-rendering from the JSON gives the same tables.
@@ -184,6 +194,10 @@ def test_evaluate_degraded_set_with_compare_folder(tmp_path):
     with pytest.raises(ValueError, match="ignores t"):
         ev.evaluate([ds], out, restorer=infer.Restorer(*(lambda x: x,) * 3, knobs=()), suite=ev.MetricSuite(),
                     t_values=[0.5], progress=False)
+    with pytest.raises(ValueError, match=r"ignores t, t_steps \(its controls: none\); t and t_steps need a CTSR "
+                                         r"control LoRA \(stage 2\)$"):
+        ev.evaluate([ds], out, restorer=infer.Restorer(*(lambda x: x,) * 3, knobs=()), suite=ev.MetricSuite(),
+                    t_values=[0.5], options=infer.RestoreOptions(t_steps=2), progress=False)
     with pytest.raises(ValueError, match="control t must be in"):
         ev.evaluate([ds], out, restorer=_standin(), suite=ev.MetricSuite(), t_values=[1.5], progress=False)
     (base / "q.png").unlink()
@@ -233,7 +247,13 @@ def _lora_files(root):
     return out
 
 
-def test_evaluate_py_end_to_end(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_env(tmp_path_factory):
+    """Environment for evaluate.py subprocesses: one JSR_CACHE, so the embedded tiny SD model is written once."""
+    return dict(os.environ, JSR_CACHE=str(tmp_path_factory.mktemp("jsr_cache")))
+
+
+def test_evaluate_py_end_to_end(tmp_path, tiny_env):
     """evaluate.py (a subprocess, the real command line) on the embedded tiny random SD model with a CTSR control
     LoRA, a 2-value t sweep and a paired set of three images (two 16 -> 64 px, one 24x48 -> 96x192, so NIQE is
     defined for one image only), with every metric whose weights can be random: all tables, the plot and the
@@ -262,8 +282,7 @@ def test_evaluate_py_end_to_end(tmp_path):
            f"--lpips={w / 'lpips.safetensors'}", f"--dists={w / 'dists.safetensors'}",
            f"--fid_inception={w / 'inception.safetensors'}", f"--niqe={w / 'niqe.npz'}", "--pyiqa=none",
            "--fid_batch=2", "--fid_dims=64", f"--out={out}", "--noprogress"]
-    env = dict(os.environ, JSR_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=tiny_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     keys = ["psnr", "ssim", "lpips", "dists", "fid", "niqe"]
@@ -327,3 +346,20 @@ def test_evaluate_py_end_to_end(tmp_path):
     fid = fid_lib.fid_from_folders(hq_dir, sr_path.parent, load_inception_params(w / "inception.safetensors"),
                                    batch_size=4, dims=64)
     assert rows[1]["fid"] == pytest.approx(fid, rel=1e-3)
+
+
+def test_evaluate_py_refuses_controls_the_model_ignores(tmp_path, tiny_env):
+    """The message evaluate.py users see for a control the model ignores names the control and what it needs, not
+    another command line's flag (jsr.infer spells it --control-lora, evaluate.py --control_lora); --t_steps alone
+    (no --t) is refused the same way, as an error before any image is restored, not a traceback."""
+    lq, hq = _pairs(tmp_path / "p", [("a", 4, 4)])
+    for arg, msg in (("--t=0.5", "error: osediff model ignores t (its controls: none); t needs a CTSR control LoRA "
+                                 "(stage 2)\n"),
+                     ("--t_steps=2", "error: osediff model ignores t_steps (its controls: none); t_steps needs a "
+                                     "CTSR control LoRA (stage 2)\n")):
+        proc = subprocess.run([sys.executable, "evaluate.py", "--model=", f"--dataset=X:lq={lq},hq={hq}", arg,
+                               f"--out={tmp_path / 'o'}", "--pyiqa=none", "--noprogress"], cwd=REPO, env=tiny_env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 2 and msg in proc.stderr, proc.stderr[-2000:]
+        assert "Traceback" not in proc.stderr and "--control-lora" not in proc.stderr
+    assert not (tmp_path / "o").exists()  # refused before anything was written

@@ -344,11 +344,26 @@ def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Seq
     return Restorer(encode=encode, latent=latent, decode=decode, method=method, knobs=knobs, factor=factor)
 
 
+# What each control of RestoreOptions needs, named as the thing rather than as one command line's flag: the
+# callers spell their flags differently (jsr.infer: --control-lora; evaluate.py: --control_lora).
+_KNOB_NEEDS = {"t": "a CTSR control LoRA (stage 2)", "t_steps": "a CTSR control LoRA (stage 2)",
+               "lambda_pix": "a PiSA-SR model", "lambda_sem": "a PiSA-SR semantic LoRA"}
+
+
 def check_options(restorer: Restorer, opts: RestoreOptions) -> None:
-    """Refuse controls the restorer would ignore (``--t`` without a CTSR control LoRA, ``--lambda-sem`` without a
-    semantic LoRA...), so a sweep never silently produces identical images."""
-    unused = opts.knobs_set() - set(restorer.knobs)
+    """Refuse controls the restorer would ignore (``t`` without a CTSR control LoRA, ``lambda_sem`` without a
+    semantic LoRA...), so a sweep never silently produces identical images.
+
+    Raises:
+      ValueError naming the ignored controls (as :class:`RestoreOptions` fields), the restorer's own controls,
+      and what each ignored one needs, e.g. ``osediff model ignores t (its controls: none); t needs a CTSR
+      control LoRA (stage 2)``.
+    """
+    unused = sorted(opts.knobs_set() - set(restorer.knobs))
     if unused:
         have = ", ".join(restorer.knobs) or "none"
-        raise ValueError(f"{restorer.method} model ignores {', '.join(sorted(unused))} (its controls: {have}); "
-                         "--t needs a CTSR --control-lora, --lambda-sem a PiSA-SR semantic LoRA")
+        needs: dict[str, list[str]] = {}
+        for knob in unused:
+            needs.setdefault(_KNOB_NEEDS[knob], []).append(knob)
+        why = "; ".join(f"{' and '.join(ks)} need{'s' if len(ks) == 1 else ''} {what}" for what, ks in needs.items())
+        raise ValueError(f"{restorer.method} model ignores {', '.join(unused)} (its controls: {have}); {why}")
