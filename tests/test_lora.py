@@ -183,6 +183,15 @@ def test_init_is_peft_gaussian_and_identity(toy):
                                                                                      L.OSEDIFF_UNET))
 
 
+def test_overrides_own_their_buffers(toy):
+    # The train step donates the LoRA trees; an override sharing the frozen base's buffer (f32 base) would free
+    # the base with it ("buffer previously donated" on the next call).
+    _, params, _, _ = toy
+    lo = L.init(jax.random.key(3), params, L.OSEDIFF_UNET)
+    jax.jit(lambda tree: jax.tree_util.tree_map(lambda v: v + 1, tree), donate_argnums=0)(lo)
+    assert not params["conv_in"]["kernel"].is_deleted()
+
+
 def test_hook_equals_merge_and_overrides(toy):
     m, params, x, t = toy
     lo = _randomize(L.init(jax.random.key(3), params, L.OSEDIFF_UNET), 4)

@@ -297,7 +297,9 @@ def _init_factors(rng: jax.Array, layers: tuple, rank: int) -> dict:
 def _f32(x):
     if isinstance(x, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(x.shape, jnp.float32)
-    return jnp.asarray(x, jnp.float32)
+    # Always a copy: a trained override must own its buffer. Aliasing the frozen base's f32 array (asarray is a
+    # no-op there) made a donated train state free the frozen parameter it shared a buffer with.
+    return jnp.array(x, jnp.float32, copy=True)
 
 
 def _unbox(tree):
