@@ -30,6 +30,9 @@ class Base:
       unet_params, vae_params: frozen base parameters (stored in ``param_dtype``).
       prompts: prompt -> embedding encoder with a per-prompt cache.
       path: the folder it came from.
+      random_weights: the folder holds random weights written by ``jsr.weights.tiny.write_tiny_sd`` (its
+        ``model_index.json`` names a ``_jsr_preset``): training may then stand in random teachers and a random
+        LPIPS trunk for missing files, since no result of such a run means anything anyway.
     """
 
     models: SDModels
@@ -37,6 +40,7 @@ class Base:
     vae_params: Any
     prompts: PromptEncoder
     path: Path
+    random_weights: bool = False
 
 
 def load_base(path: str | os.PathLike = "", *, dtype: Any = jnp.float32, param_dtype: Any = None,
@@ -73,4 +77,12 @@ def load_base(path: str | os.PathLike = "", *, dtype: Any = jnp.float32, param_d
     prompts = PromptEncoder(text.clone(dtype=dtype), text_params, Tokenizer(folder / "tokenizer"))
     models = SDModels(unet=unet, vae=vae, schedule=load_schedule(folder),
                       scaling_factor=float(vae.config.scaling_factor))
-    return Base(models=models, unet_params=unet_params, vae_params=vae_params, prompts=prompts, path=folder)
+    return Base(models=models, unet_params=unet_params, vae_params=vae_params, prompts=prompts, path=folder,
+                random_weights=_written_by_jsr(folder))
+
+
+def _written_by_jsr(folder: Path) -> bool:
+    import json
+
+    index = folder / "model_index.json"
+    return index.is_file() and "_jsr_preset" in json.loads(index.read_text())

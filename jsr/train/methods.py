@@ -19,8 +19,8 @@ prompt embeddings ``c`` [B, 77, D]; the losses work on [-1, 1].
 
 Teachers for CTSR come from files (``ctsr.realism``, ``ctsr.fidelity``: an OSEDiff release ``.pkl``, a peft
 file, or a folder written by jsr's export). With no file and the embedded tiny model (``model.path=""``), seeded
-random non-zero LoRAs stand in for them, so the tiny configs run end to end without weights; with a real base
-model a missing teacher is an error.
+random non-zero LoRAs stand in for them (``Base.random_weights``), so the tiny configs and the benchmarks run end
+to end without weights; with a real base model a missing teacher is an error.
 """
 
 from __future__ import annotations
@@ -121,10 +121,11 @@ def _teacher(config_path: str, base: Base, rng: jax.Array, name: str) -> dict[st
     if config_path:
         logging.info("ctsr: %s teacher from %s", name, config_path)
         return load_lora_set(config_path, base)
-    if str(base.path).find("tiny-sd") < 0:
+    if not base.random_weights:
         raise ValueError(f"ctsr.{name} is empty: CTSR needs a {name} teacher LoRA (an OSEDiff release .pkl, a peft "
-                         "file, or a jsr export folder); only the embedded tiny model runs with random teachers")
-    logging.warning("ctsr: no %s teacher given; using a seeded random LoRA (tiny model only)", name)
+                         "file, or a jsr export folder); only random stand-in bases (the embedded tiny model, "
+                         "`python -m jsr.weights write-tiny`) run with random teachers")
+    logging.warning("ctsr: no %s teacher given; using a seeded random LoRA (random base only)", name)
     return {"unet": _random_lora(jax.random.fold_in(rng, 1), base.unet_params, L.OSEDIFF_UNET),
             "vae": _random_lora(jax.random.fold_in(rng, 2), base.vae_params, L.OSEDIFF_VAE)}
 
@@ -136,10 +137,10 @@ def _lpips_params(config, base: Base, rng: jax.Array) -> Any:
     paths = [p for p in (config.loss.lpips_vgg, config.loss.lpips_heads) if p]
     if paths:
         return load_lpips_params(*paths)
-    if config.loss.lpips and str(base.path).find("tiny-sd") < 0:
+    if config.loss.lpips and not base.random_weights:
         raise ValueError("loss.lpips > 0 needs LPIPS weights: set loss.lpips_vgg=<vgg16-397923af.pth> and "
                          "loss.lpips_heads=<lpips weights/v0.1/vgg.pth> (or loss.lpips=0)")
-    return init_params(LPIPS(), rng)  # random trunk: tiny runs only
+    return init_params(LPIPS(), rng)  # random trunk: random-base runs only
 
 
 def build(config, base: Base, rng: jax.Array) -> MethodSetup:

@@ -178,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("write-tiny", help="write the embedded tiny random SD model (diffusers layout)")
     s.add_argument("dst", type=Path)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--preset", default="tiny", help="architecture (jsr.models.presets): tiny, sd21-base (random "
+                   "weights at full size, for benchmarks)")
     s = sub.add_parser("export-lora", help="LoRA file (OSEDiff/PiSA-SR release, peft) -> peft/diffusers folders")
     s.add_argument("src", type=Path)
     s.add_argument("dst", type=Path)
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "write-tiny":
         from jsr.weights.tiny import write_tiny_sd
 
-        print(write_tiny_sd(args.dst, seed=args.seed))
+        print(write_tiny_sd(args.dst, seed=args.seed, preset_name=args.preset))
     return 0
 
 

@@ -1,0 +1,207 @@
+"""Time one training step of every method: step time, images/s, XLA's FLOP count and model-FLOPs utilisation.
+
+The base is a random SD folder of the chosen architecture (``jsr.weights.tiny.write_tiny_sd``; full SD-2.1-base by
+default) with random stand-in teachers, LPIPS trunk and stage-1 model, so nothing needs downloading. Each step is
+the jitted train step the loop runs (``jsr.train.step.make_train_step`` over ``jsr.train.methods.build``), on one
+device, after a warm-up call that compiles it.
+
+    python benchmarks/train_step.py                                  # SD-2.1-base, 512 crops, bf16, every method
+    python benchmarks/train_step.py --size 128 --dtype float32       # the reduced CPU run of BENCHMARKS.md
+    python benchmarks/train_step.py --preset tiny --size 64 --methods fidelity,ctsr1     # smoke run
+
+FLOPs are XLA's ``cost_analysis()`` of the compiled step (every update of the step, forward and backward,
+including rematerialisation when ``--remat`` is on); MFU = FLOPs / step time / peak. The peak is ``--peak-tflops``
+when given, else the device kind's dense bf16 (or f32) datasheet figure for known GPUs/TPUs, else (CPU) the
+measured throughput of a large matmul in the compute dtype, labelled as such.
+
+Prints a table and writes JSON (``--out``, default ``benchmarks/results/train_step-<backend>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives at the repo root
+
+# method key -> (config module, config variant, phase index); pisa's two phases are separate steps.
+METHODS = {
+    "osediff": ("osediff", None, 0),
+    "fidelity": ("fidelity", None, 0),
+    "pisa-pix": ("pisa", None, 0),
+    "pisa-sem": ("pisa", None, 1),
+    "ctsr1": ("ctsr", "stage1", 0),
+    "ctsr2": ("ctsr", "stage2", 0),
+}
+
+# Dense datasheet peaks in TFLOP/s per device (bf16, f32): H100 SXM, H200, A100, TPU v4/v5e/v5p chips.
+PEAK_TFLOPS = {
+    "H100": (989.0, 67.0), "H200": (989.0, 67.0), "A100": (312.0, 19.5),
+    "TPU v4": (275.0, 275.0 / 2), "TPU v5 lite": (197.0, 197.0 / 2), "TPU v5": (459.0, 459.0 / 2),
+}
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="sd21-base", help="architecture of the random base (jsr.models.presets)")
+    p.add_argument("--size", type=int, default=512, help="HQ/LQ crop side in pixels")
+    p.add_argument("--batch", type=int, default=1, help="images per step")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {list(METHODS)}")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per method (after one compiling call)")
+    p.add_argument("--dtype", default="bfloat16", help="compute and frozen-parameter dtype")
+    p.add_argument("--remat", action="store_true", help="gradient checkpointing in the UNet/VAE blocks")
+    p.add_argument("--attention", default="auto")
+    p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU column")
+    p.add_argument("--model-dir", default=None, help="where the random base is written (default: a temp dir)")
+    p.add_argument("--out", default=None, help="JSON output path")
+    return p.parse_args()
+
+
+def _peak(dtype: jnp.dtype, override: float | None) -> tuple[float, str]:
+    if override:
+        return override * 1e12, "given"
+    kind = jax.devices()[0].device_kind
+    for name, (bf16, f32) in PEAK_TFLOPS.items():
+        if name.lower() in kind.lower():
+            return (bf16 if dtype == jnp.bfloat16 else f32) * 1e12, f"datasheet ({kind})"
+    n = 2048
+    a = jnp.ones((n, n), dtype)
+    mm = jax.jit(lambda x: x @ x)
+    mm(a).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(5):
+        out = mm(a)
+    out.block_until_ready()
+    return 5 * 2 * n ** 3 / (time.perf_counter() - start), f"measured {n}^3 matmul ({kind})"
+
+
+def _config(key: str, args: argparse.Namespace, model_dir: Path, stage1_dir: Path):
+    import importlib
+
+    module, variant, _ = METHODS[key]
+    c = importlib.import_module(f"configs.{module}").get_config(variant)
+    c.model.path = str(model_dir)
+    c.model.dtype = c.model.param_dtype = args.dtype
+    c.model.remat = args.remat
+    c.model.attention = args.attention
+    c.data.batch_size = args.batch
+    c.data.crop_size = args.size
+    if module == "ctsr" and variant == "stage2":
+        c.ctsr.stage1 = str(stage1_dir)
+    return c
+
+
+def _write_stage1(base, folder: Path) -> Path:
+    """A random non-zero OSEDiff-layout LoRA pair as a jsr export folder (CTSR stage 2's frozen stage-1 model)."""
+    from jsr.models import lora as L
+    from jsr.train.methods import _random_lora
+    from jsr.weights.peft import save_peft_lora
+
+    rng = jax.random.key(5)
+    save_peft_lora(_random_lora(rng, base.unet_params, L.OSEDIFF_UNET), folder / "unet")
+    save_peft_lora(_random_lora(jax.random.fold_in(rng, 1), base.vae_params, L.OSEDIFF_VAE), folder / "vae")
+    return folder
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+        cost = cost[0] if cost else {}
+    return float(cost.get("flops", float("nan"))) if cost else float("nan")
+
+
+def bench_method(key: str, args, base, model_dir: Path, stage1_dir: Path) -> dict:
+    """Compile and time one method's train step; returns the JSON row."""
+    from jsr.train import methods
+    from jsr.train.step import init_state, make_train_step
+
+    config = _config(key, args, model_dir, stage1_dir)
+    setup = methods.build(config, base, jax.random.key(1))
+    phase = METHODS[key][2]
+    updates = setup.phases[phase][1]
+    state = init_state(setup.params, setup.all_updates, 0)
+    rng = np.random.default_rng(0)
+    shape = (args.batch, args.size, args.size, 3)
+    batch = {"hq": jnp.asarray(rng.uniform(size=shape), jnp.float32),
+             "lq": jnp.asarray(rng.uniform(size=shape), jnp.float32),
+             "c": jnp.asarray(base.prompts(["a photo"] * args.batch))}
+    step = jax.jit(make_train_step(updates, config.optim.accum_steps), donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = step.lower(state, setup.frozen, batch).compile()
+    compile_s = time.perf_counter() - t0
+    flops = _flops(compiled)
+    state, m = compiled(state, setup.frozen, batch)  # warm-up (first-run allocation)
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        state, m = compiled(state, setup.frozen, batch)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - start)
+    losses = {k: float(v) for k, v in jax.device_get(m).items() if k.endswith("/loss")}
+    mem = None
+    try:
+        stats = jax.devices()[0].memory_stats() or {}
+        mem = stats.get("peak_bytes_in_use")
+    except Exception:  # noqa: BLE001 - not every backend reports memory
+        pass
+    trainable = sum(x.size for u in updates for x in jax.tree.leaves(setup.params[u.group]))
+    return {"method": key, "updates": [u.group for u in updates], "compile_s": compile_s,
+            "step_s": statistics.median(times), "step_s_all": times,
+            "images_per_s": args.batch / statistics.median(times), "flops": flops,
+            "trainable_params": int(trainable), "losses": losses, "peak_bytes": mem}
+
+
+def main() -> None:
+    args = _args()
+    from jsr.sr.base import load_base
+    from jsr.weights.tiny import write_tiny_sd
+
+    keys = [k.strip() for k in args.methods.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in METHODS]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}; known: {list(METHODS)}")
+    dtype = jnp.dtype(args.dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(args.model_dir) if args.model_dir else Path(tmp) / f"random-{args.preset}"
+        t0 = time.perf_counter()
+        write_tiny_sd(model_dir, seed=0, preset_name=args.preset)
+        base = load_base(model_dir, dtype=dtype, attention=args.attention, remat=args.remat)
+        stage1_dir = _write_stage1(base, Path(tmp) / "stage1")
+        print(f"random {args.preset} base written and loaded in {time.perf_counter() - t0:.1f} s "
+              f"({jax.default_backend()}, {jax.devices()[0].device_kind})", flush=True)
+        peak, peak_src = _peak(dtype, args.peak_tflops)
+        rows = []
+        for key in keys:
+            row = bench_method(key, args, base, model_dir, stage1_dir)
+            row["mfu"] = row["flops"] / row["step_s"] / peak
+            rows.append(row)
+            print(f"{key:9s} step {row['step_s']:8.3f} s  {row['images_per_s']:7.3f} img/s  "
+                  f"{row['flops'] / 1e12:8.3f} TFLOP  MFU {100 * row['mfu']:5.1f} %  "
+                  f"(compile {row['compile_s']:.0f} s)", flush=True)
+    result = {
+        "benchmark": "train_step", "date": time.strftime("%Y-%m-%d"), "backend": jax.default_backend(),
+        "device": jax.devices()[0].device_kind, "host": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(), "jax": jax.__version__, "preset": args.preset, "size": args.size,
+        "batch": args.batch, "dtype": args.dtype, "remat": args.remat, "attention": args.attention,
+        "peak_flops": peak, "peak_source": peak_src, "rows": rows,
+    }
+    out = Path(args.out or Path(__file__).parent / "results" / f"train_step-{jax.default_backend()}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"peak {peak / 1e12:.2f} TFLOP/s ({peak_src}); wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
