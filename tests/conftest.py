@@ -1,9 +1,21 @@
-"""Test-wide setup: 8 fake CPU devices for sharding tests, full f32 matmuls for parity tests."""
+"""Test-wide setup: 8 fake CPU devices for sharding tests, full f32 matmuls for parity tests, one embedded tiny
+SD model and one XLA compilation cache per test session (shared with the subprocesses tests start)."""
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before jax is imported anywhere: sharding tests need a multi-device mesh on one CPU.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A fresh cache per session (never the user's ~/.cache/jsr, which an older jsr may have written): the tiny SD
+# folder is written once (~1 min on 2 cores) instead of once per test module, and programs compiled by one test
+# (the tiny restorer, train steps) are reused by later tests and by train.py / evaluate.py subprocesses.
+_SESSION_CACHE = tempfile.mkdtemp(prefix="jsr-tests-")
+atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
+os.environ["JSR_CACHE"] = os.path.join(_SESSION_CACHE, "models")
+os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_SESSION_CACHE, "xla")
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
 
 import jax  # noqa: E402
 

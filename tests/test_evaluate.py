@@ -248,9 +248,10 @@ def _lora_files(root):
 
 
 @pytest.fixture(scope="module")
-def tiny_env(tmp_path_factory):
-    """Environment for evaluate.py subprocesses: one JSR_CACHE, so the embedded tiny SD model is written once."""
-    return dict(os.environ, JSR_CACHE=str(tmp_path_factory.mktemp("jsr_cache")))
+def tiny_env():
+    """Environment for evaluate.py subprocesses: the session's JSR_CACHE (conftest.py), so the embedded tiny SD
+    model is written once per test session."""
+    return dict(os.environ)
 
 
 def test_evaluate_py_end_to_end(tmp_path, tiny_env):

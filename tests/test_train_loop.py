@@ -2,7 +2,7 @@
 kill-and-resume, SIGTERM checkpointing, non-finite steps caught, and the sharded step equal to one device.
 
 Every run compiles a UNet forward+backward, so the runs share JAX's persistent compilation cache
-(``JAX_COMPILATION_CACHE_DIR``, set per session below) and use few steps.
+(``JAX_COMPILATION_CACHE_DIR``, set per test session in conftest.py) and use few steps.
 """
 import os
 import subprocess
@@ -18,23 +18,6 @@ from configs import ctsr, fidelity, osediff
 from jsr.train import loop
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _cache(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("jsr-cache")
-    xla = tmp_path_factory.mktemp("xla-cache")
-    old = os.environ.get("JSR_CACHE")
-    os.environ["JSR_CACHE"] = str(cache)
-    jax.config.update("jax_compilation_cache_dir", str(xla))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    yield {"JSR_CACHE": str(cache), "JAX_COMPILATION_CACHE_DIR": str(xla),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    jax.config.update("jax_compilation_cache_dir", None)
-    if old is None:
-        os.environ.pop("JSR_CACHE", None)
-    else:
-        os.environ["JSR_CACHE"] = old
 
 
 def _config(name="fidelity", **over):
@@ -118,8 +101,8 @@ def test_sharded_step_equals_single_device_step():
     np.testing.assert_allclose(m["gen/loss"], ref_m["gen/loss"], rtol=1e-5)
 
 
-def test_ctsr_stage1_then_stage2_through_train_py(tmp_path, _cache):
-    env = dict(os.environ, **_cache, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+def test_ctsr_stage1_then_stage2_through_train_py(tmp_path):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     s1 = tmp_path / "s1"
     cmd = [sys.executable, "train.py", "--config", "configs/ctsr.py:stage1-tiny", "--workdir", str(s1),
            "--config.total_steps=2"]
