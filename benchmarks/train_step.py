@@ -188,7 +188,7 @@ def main() -> None:
             row["mfu"] = row["flops"] / row["step_s"] / peak
             rows.append(row)
             print(f"{key:9s} step {row['step_s']:8.3f} s  {row['images_per_s']:7.3f} img/s  "
-                  f"{row['flops'] / 1e12:8.3f} TFLOP  MFU {100 * row['mfu']:5.1f} %  "
+                  f"{row['flops'] / 1e9:10.4g} GFLOP  MFU {100 * row['mfu']:5.1f} %  "
                   f"(compile {row['compile_s']:.0f} s)", flush=True)
     result = {
         "benchmark": "train_step", "date": time.strftime("%Y-%m-%d"), "backend": jax.default_backend(),

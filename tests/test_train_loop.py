@@ -14,16 +14,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import ctsr, fidelity, osediff
+from configs import ctsr, fidelity, osediff, pisa
 from jsr.train import loop
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _config(name="fidelity", **over):
-    # The fidelity method without LPIPS is the cheapest step to compile (one UNet and VAE forward/backward);
-    # one device, so the runs share one compiled program through the persistent cache.
-    c = {"fidelity": fidelity, "osediff": osediff}[name].get_config("tiny")
+def _config(name="osediff", **over):
+    # OSEDiff (two updates per step: generator with VSD, then the fake score on the carried latent) without LPIPS:
+    # compiling is most of a tiny run's cost, so every test here uses this one program on one device and shares it
+    # through the persistent compilation cache.
+    c = {"fidelity": fidelity, "osediff": osediff, "pisa": pisa}[name].get_config("tiny")
     c.loss.lpips = 0.0
     c.total_steps = 4
     c.checkpoint.every = 2
@@ -118,6 +119,62 @@ def test_ctsr_stage1_then_stage2_through_train_py(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (s2 / "export" / "control" / "unet" / "adapter_model.safetensors").is_file()
     assert "ctrl" in r.stderr  # the control loss was logged
+
+
+def _changed(before, after) -> bool:
+    return any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+
+
+def test_osediff_trains_generator_and_fake_score(tmp_path):
+    from jsr.sr.base import load_base
+    from jsr.train import methods
+
+    c = _config("osediff", total_steps=1)
+    init = methods.build(c, load_base(""), jax.random.fold_in(jax.random.key(c.seed), 1)).params
+    out = loop.train(c, tmp_path)
+    m = out["metrics"]
+    for k in ("gen/rec_l2", "gen/vsd", "fake/fake_score"):  # both updates of the step ran, VSD included
+        assert np.isfinite(m[k]) and m[k] != 0.0, k
+    trained = _params(out)
+    assert _changed(init["gen"], trained["gen"]) and _changed(init["fake"], trained["fake"])
+    assert (tmp_path / "export" / "gen" / "vae" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "export" / "fake").exists()  # the fake score is a training device, not a result
+
+
+def test_pisa_switches_from_pixel_to_semantic_phase(tmp_path):
+    out = loop.train(_config("pisa", total_steps=2, **{"pisa.pixel_steps": 1}), tmp_path)
+    m = out["metrics"]  # step 2 is the semantic phase: l2 + CSD on the sem LoRA, the pixel LoRA frozen
+    assert np.isfinite(m["sem/csd"]) and m["sem/csd"] != 0.0 and "pix/loss" not in m
+    for group in ("pix", "sem"):
+        assert (tmp_path / "export" / group / "unet" / "adapter_model.safetensors").is_file()
+        b = [x for path, x in jax.tree_util.tree_flatten_with_path(_params(out)[group])[0]
+             if jax.tree_util.keystr(path).endswith("['b']")]
+        assert any(np.abs(x).max() > 0 for x in b), group  # B factors start at 0: non-zero means trained
+
+
+def test_real_base_without_teachers_is_an_error(tmp_path):
+    # A folder that is not jsr's random stand-in (no _jsr_preset in model_index.json) must not get random teachers.
+    import json
+    import shutil
+
+    from jsr.sr.base import load_base
+    from jsr.train import methods
+
+    tiny = load_base("").path
+    real = tmp_path / "sd"
+    shutil.copytree(tiny, real)
+    index = json.loads((real / "model_index.json").read_text())
+    del index["_jsr_preset"]
+    (real / "model_index.json").write_text(json.dumps(index))
+    base = load_base(real)
+    assert load_base("").random_weights and not base.random_weights
+    c = ctsr.get_config("stage1-tiny")
+    c.loss.lpips = 0.0  # else the missing LPIPS weights are reported first
+    with pytest.raises(ValueError, match="realism teacher LoRA"):
+        methods.build(c, base, jax.random.key(0))
+    c = fidelity.get_config("tiny")
+    with pytest.raises(ValueError, match="needs LPIPS weights"):
+        methods.build(c, base, jax.random.key(0))
 
 
 def test_config_variants_and_errors():

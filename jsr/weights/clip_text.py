@@ -58,12 +58,8 @@ def load_text_encoder(folder: str | os.PathLike, dtype: Any = None, attention_im
     """
     module = text_encoder_from_config(io.read_config(folder), dtype, attention_impl, remat)
     abstract = common.abstract_params(module)
-    if native.is_native(folder):
-        return module, native.read_native(folder, abstract, model="text encoder", dtype=dtype or jnp.float32)
-    params = convert.torch_state_to_params(io.read_state_dict(folder), abstract, CLIP_INDEXED,
-                                           model=f"text encoder ({folder})", dtype=dtype, ignore=_IGNORE,
-                                           rename=_strip_prefix)
-    return module, params
+    return module, native.read_params(folder, abstract, CLIP_INDEXED, model="text encoder", dtype=dtype,
+                                      ignore=_IGNORE, rename=_strip_prefix)
 
 
 def save_text_encoder(module: CLIPTextModel, params: Any, folder: str | os.PathLike, dtype: Any = None) -> Path:

@@ -82,3 +82,16 @@ def _check_structure(stored: Any, abstract: Any, model: str, folder: Path) -> No
 
 def _plain(tree: Any) -> dict:
     return jax.tree_util.tree_map(lambda x: x, dict(tree)) if isinstance(tree, Mapping) else tree
+
+
+def read_params(folder: str | os.PathLike, abstract: Any, indexed: frozenset, *, model: str, dtype: Any = None,
+                **convert_kwargs) -> Any:
+    """A component's parameters from ``folder`` in either format: jsr-native (Orbax ``params/``) or a
+    diffusers/transformers safetensors/bin checkpoint converted by ``jsr.weights.convert.torch_state_to_params``
+    (``indexed`` module lists, ``convert_kwargs`` such as ``rename``/``ignore``). ``model`` names it in errors."""
+    from jsr.weights import convert
+
+    if is_native(folder):
+        return read_native(folder, abstract, model=model, dtype=dtype or jnp.float32)
+    return convert.torch_state_to_params(io.read_state_dict(folder), abstract, indexed, model=f"{model} ({folder})",
+                                         dtype=dtype, **convert_kwargs)

@@ -49,12 +49,7 @@ def load_unet(folder: str | os.PathLike, dtype: Any = None, attention_impl: str 
     """
     module = unet_from_config(io.read_config(folder), dtype, attention_impl, remat)
     abstract = common.abstract_params(module)
-    if native.is_native(folder):
-        params = native.read_native(folder, abstract, model="UNet", dtype=dtype or jnp.float32)
-    else:
-        params = convert.torch_state_to_params(io.read_state_dict(folder), abstract, UNET_INDEXED,
-                                               model=f"UNet ({folder})", dtype=dtype)
-    return module, params
+    return module, native.read_params(folder, abstract, UNET_INDEXED, model="UNet", dtype=dtype)
 
 
 def save_unet(module: UNet2DConditionModel, params: Any, folder: str | os.PathLike, dtype: Any = None) -> Path:

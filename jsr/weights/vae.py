@@ -67,12 +67,8 @@ def load_vae(folder: str | os.PathLike, dtype: Any = None, attention_impl: str =
     """
     module = vae_from_config(io.read_config(folder), dtype, attention_impl, remat)
     abstract = common.abstract_params(module)
-    if native.is_native(folder):
-        params = native.read_native(folder, abstract, model="VAE", dtype=dtype or jnp.float32)
-    else:
-        params = convert.torch_state_to_params(io.read_state_dict(folder), abstract, VAE_INDEXED,
-                                               model=f"VAE ({folder})", dtype=dtype, rename=legacy_rename)
-    return module, params
+    return module, native.read_params(folder, abstract, VAE_INDEXED, model="VAE", dtype=dtype,
+                                      rename=legacy_rename)
 
 
 def save_vae(module: AutoencoderKL, params: Any, folder: str | os.PathLike, dtype: Any = None) -> Path:
