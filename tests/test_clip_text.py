@@ -17,6 +17,7 @@ from jsr.models import common
 from jsr.models.clip_text import CLIPTextConfig, Tokenizer, tokenize
 from jsr.weights import convert, io
 from jsr.weights.clip_text import CLIP_INDEXED, WEIGHTS_NAME, load_text_encoder, save_text_encoder
+from tests.helpers import rel_error as _rel
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -29,11 +30,6 @@ SD1_STYLE = dict(BASE, hidden_act="quick_gelu", num_attention_heads=2, layer_nor
 SD21_BASE = dict(vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
                  num_attention_heads=16, max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
                  bos_token_id=0, eos_token_id=2, pad_token_id=1)
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _torch_clip(config, seed=0):

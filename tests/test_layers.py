@@ -8,13 +8,9 @@ import pytest
 from jsr.models import common
 from jsr.models.layers import Conv, Dense, GroupNorm, LayerNorm
 from jsr.weights import convert
+from tests.helpers import rel_error as _rel
 
 torch = pytest.importorskip("torch")
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 def _nchw(x):

@@ -13,6 +13,7 @@ from flax import traverse_util
 
 from jsr.models import common, lora as L
 from jsr.models.layers import Conv, Dense, GroupNorm
+from tests.helpers import rel_error as _rel
 
 
 class Res(nn.Module):
@@ -111,11 +112,6 @@ def _run(m, variables, x, t):
     if id(m) not in _JIT:
         _JIT[id(m)] = jax.jit(m.apply)
     return _JIT[id(m)](variables, x, t)
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from jsr.metrics.dists import (N_WEIGHTS, dists_distance, dists_params_from_torc
 from jsr.metrics.vgg import conv_indices, l2_pool  # noqa: E402
 from jsr.weights.convert import CheckpointMismatchError  # noqa: E402
 from jsr.weights.io import write_safetensors  # noqa: E402
+from tests.helpers import rel_error as _rel
 
 REL_TOL = 1e-4
 
@@ -74,11 +75,6 @@ def _torch_dists(model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     tx = torch.from_numpy(x).permute(0, 3, 1, 2)
     ty = torch.from_numpy(y).permute(0, 3, 1, 2)
     return model(tx, ty).reshape(-1).detach().numpy()
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")

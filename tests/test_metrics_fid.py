@@ -37,6 +37,7 @@ from jsr.metrics.fid import (activation_statistics, fid_from_folders, folder_act
 from jsr.metrics.inception import (bilinear_matrix, inception_features, inception_params_from_torch,  # noqa: E402
                                    load_inception_params, resize_bilinear, save_inception_weights)
 from jsr.weights.convert import CheckpointMismatchError  # noqa: E402
+from tests.helpers import rel_error as _rel
 
 REL_TOL = 1e-4
 
@@ -257,11 +258,6 @@ def ref():
 @pytest.fixture(scope="module")
 def params(ref):
     return inception_params_from_torch({k: v.numpy() for k, v in ref[3].items()})
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 # ---------------------------------------------------------------------------------------------------------------

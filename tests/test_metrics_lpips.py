@@ -25,6 +25,7 @@ from jsr.metrics.lpips import (LPIPS, load_lpips_params, lpips_distance, lpips_p
 from jsr.metrics.vgg import conv_indices  # noqa: E402
 from jsr.weights.convert import CheckpointMismatchError  # noqa: E402
 from jsr.weights.io import write_safetensors  # noqa: E402
+from tests.helpers import rel_error as _rel
 
 REL_TOL = 1e-4
 
@@ -79,11 +80,6 @@ def _torch_lpips(model, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     ty = torch.from_numpy(y).permute(0, 3, 1, 2)
     with torch.no_grad():
         return model(tx, ty, normalize=True).reshape(-1).numpy()
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 @pytest.fixture(scope="module")

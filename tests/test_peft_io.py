@@ -17,6 +17,7 @@ from jsr.models import lora as L
 from jsr.weights import peft as P
 from jsr.weights.unet import load_unet, save_unet
 from jsr.weights.vae import VAE_INDEXED, load_vae
+from tests.helpers import rel_error as _rel, randomise_torch as _randomise
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -34,26 +35,6 @@ VAE_CONFIG = dict(
     layers_per_block=1, norm_num_groups=8, sample_size=16, scaling_factor=0.18215,
 )
 GROUPS = ("encoder", "decoder", "others")
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def _randomise(model, seed):
-    """Random base weights (norm scales near 1, small biases, 1/sqrt(fan_in) weights)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.2 * noise)
-            else:
-                p.copy_(noise / np.sqrt(p[0].numel()))
-    return model
 
 
 def _osediff_unet_groups(names):

@@ -18,6 +18,7 @@ from jsr.models.presets import preset
 from jsr.models.unet import UNetConfig
 from jsr.weights import convert, io, native
 from jsr.weights.unet import UNET_INDEXED, WEIGHTS_NAME, load_unet, save_unet, unet_from_config
+from tests.helpers import rel_error as _rel, randomise_torch as _randomise
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -61,27 +62,6 @@ SD21_BASE = {
                                           "CrossAttnUpBlock2D"],
     "use_linear_projection": True,
 }
-
-
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def _randomise(model, seed):
-    """Every parameter random: norms' scales around 1, biases small, weights with 1/sqrt(fan_in) spread so
-    activations stay O(1) through the depth."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.2 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.2 * noise)
-            else:
-                p.copy_(noise / np.sqrt(p[0].numel()))
-    return model
 
 
 def _torch_unet(config, seed=0):

@@ -17,6 +17,7 @@ from jsr.models import lora as L
 from jsr.models.vae import AutoencoderKL, VAEConfig
 from jsr.weights import convert, io
 from jsr.weights.vae import VAE_INDEXED, WEIGHTS_NAME, legacy_rename, load_vae, save_vae, vae_from_config
+from tests.helpers import rel_error as _rel, randomise_torch
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -45,27 +46,8 @@ SD21_BASE_PARAMS = 83_653_863
 LEGACY = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
 
 
-def _rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def _randomise(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(noise / np.sqrt(p[0].numel()))
-    return model
-
-
 def _torch_vae(config, seed=0):
-    return _randomise(diffusers.AutoencoderKL(**config).eval(), seed)
+    return randomise_torch(diffusers.AutoencoderKL(**config).eval(), seed, spread=0.1)
 
 
 def _nchw(x):
