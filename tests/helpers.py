@@ -25,3 +25,35 @@ def randomise_torch(model, seed: int, spread: float = 0.2):
             else:
                 p.copy_(noise / np.sqrt(p[0].numel()))
     return model
+
+
+def standin_restorer(seed: int = 0, method: str = "standin"):
+    """A ``jsr.sr.infer.Restorer`` made of small local maps shaped like the real ones, with the control ``t``:
+    encode = 8x8 mean + 1x1 (pixels [-1, 1] -> 4-channel latents / 8), step = ``z + (1 - t) tanh(conv3x3(z))``,
+    decode = 1x1 + tanh + nearest x8. Local, so tiling it is exact up to the blending weights' leak."""
+    import jax
+    import jax.numpy as jnp
+
+    from jsr.sr import infer
+
+    rng = np.random.default_rng(seed)
+    we = jnp.asarray(rng.normal(size=(3, 4)) / 2, jnp.float32)
+    wl = jnp.asarray(rng.normal(size=(3, 3, 4, 4)) / 6, jnp.float32)
+    wd = jnp.asarray(rng.normal(size=(4, 3)) / 2, jnp.float32)
+
+    @jax.jit
+    def encode(x):
+        b, h, w, c = x.shape
+        return jnp.mean(x.reshape(b, h // 8, 8, w // 8, 8, c), axis=(2, 4)) @ we
+
+    @jax.jit
+    def latent_t(z, t):
+        y = jax.lax.conv_general_dilated(z, wl, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return z + (1 - t) * jnp.tanh(y)
+
+    @jax.jit
+    def decode(z):
+        return jnp.repeat(jnp.repeat(jnp.tanh(z @ wd), 8, axis=1), 8, axis=2)
+
+    return infer.Restorer(encode, lambda z, opts: latent_t(z, jnp.float32(opts.t)), decode, method=method,
+                          knobs=("t",))

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -27,6 +26,7 @@ from jsr.metrics.inception import FIDInceptionV3, load_inception_params, save_in
 import jsr.eval as ev
 from jsr.models.common import abstract_params
 from jsr.sr import infer
+from tests.helpers import standin_restorer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,28 +134,6 @@ def test_degraded_dataset_is_fixed_by_seed_and_name(tmp_path):
         ev.EvalDataset(ev.parse_dataset(f"D:hq={hq},crop=128"))[0]
 
 
-def _standin():
-    """A restorer of small local maps (8x8 mean + 1x1 -> t-weighted tanh -> nearest x8) with the control t."""
-    rng = np.random.default_rng(0)
-    we = jnp.asarray(rng.normal(size=(3, 4)) / 2, jnp.float32)
-    wd = jnp.asarray(rng.normal(size=(4, 3)) / 2, jnp.float32)
-
-    @jax.jit
-    def encode(x):
-        b, h, w, c = x.shape
-        return jnp.mean(x.reshape(b, h // 8, 8, w // 8, 8, c), axis=(2, 4)) @ we
-
-    @jax.jit
-    def latent_t(z, t):
-        return z + (1 - t) * jnp.tanh(z)
-
-    @jax.jit
-    def decode(z):
-        return jnp.repeat(jnp.repeat(jnp.tanh(z @ wd), 8, axis=1), 8, axis=2)
-
-    return infer.Restorer(encode, lambda z, o: latent_t(z, jnp.float32(o.t)), decode, method="ctsr", knobs=("t",))
-
-
 def test_evaluate_degraded_set_with_compare_folder(tmp_path):
     hq = tmp_path / "hq"
     for k, name in enumerate(("p", "q", "r")):
@@ -166,7 +144,7 @@ def test_evaluate_degraded_set_with_compare_folder(tmp_path):
     for i in range(len(ds)):
         _png(base / f"{ds.names[i]}.png", infer.upscale_bicubic(ds[i].lq, 4))
     out = tmp_path / "out"
-    report = ev.evaluate([ds], out, restorer=_standin(), suite=ev.MetricSuite(), t_values=[0, 0.5, 0.5, 1],
+    report = ev.evaluate([ds], out, restorer=standin_restorer(method="ctsr"), suite=ev.MetricSuite(), t_values=[0, 0.5, 0.5, 1],
                          compare=[("Bicubic", str(tmp_path / "bicubic" / "{dataset}"))], progress=False,
                          log=lambda m: None, num_samples=2, sample_crop=32)
     assert [r["label"] for r in report["rows"]] == ["Bicubic", "CTSR (t=0.0)", "CTSR (t=0.5)", "CTSR (t=1.0)"]
@@ -199,7 +177,7 @@ def test_evaluate_degraded_set_with_compare_folder(tmp_path):
         ev.evaluate([ds], out, restorer=infer.Restorer(*(lambda x: x,) * 3, knobs=()), suite=ev.MetricSuite(),
                     t_values=[0.5], options=infer.RestoreOptions(t_steps=2), progress=False)
     with pytest.raises(ValueError, match="control t must be in"):
-        ev.evaluate([ds], out, restorer=_standin(), suite=ev.MetricSuite(), t_values=[1.5], progress=False)
+        ev.evaluate([ds], out, restorer=standin_restorer(method="ctsr"), suite=ev.MetricSuite(), t_values=[1.5], progress=False)
     (base / "q.png").unlink()
     with pytest.raises(ValueError, match="1 of 3 images of Syn have no SR file.*q"):
         ev.evaluate([ds], out, restorer=None, suite=ev.MetricSuite(), compare=[("B", str(base))], progress=False)

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -14,34 +13,7 @@ from PIL import Image
 from jsr import infer as cli
 from jsr.sr import infer
 from jsr.sr.base import load_base
-
-
-def _standin(seed=0):
-    """A restorer made of local maps shaped like the real ones: 8x8 mean + 1x1 (encode), a 3x3 conv (step),
-    1x1 + nearest x8 (decode)."""
-    rng = np.random.default_rng(seed)
-    we = jnp.asarray(rng.normal(size=(3, 4)) / 2, jnp.float32)
-    wl = jnp.asarray(rng.normal(size=(3, 3, 4, 4)) / 6, jnp.float32)
-    wd = jnp.asarray(rng.normal(size=(4, 3)) / 2, jnp.float32)
-
-    @jax.jit
-    def encode(x):
-        b, h, w, c = x.shape
-        return jnp.mean(x.reshape(b, h // 8, 8, w // 8, 8, c), axis=(2, 4)) @ we
-
-    @jax.jit
-    def latent_t(z, t):
-        y = jax.lax.conv_general_dilated(z, wl, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return z + (1 - t) * jnp.tanh(y)
-
-    def latent(z, opts):
-        return latent_t(z, jnp.float32(opts.t))
-
-    @jax.jit
-    def decode(z):
-        return jnp.repeat(jnp.repeat(jnp.tanh(z @ wd), 8, axis=1), 8, axis=2)
-
-    return infer.Restorer(encode, latent, decode, method="standin", knobs=("t",))
+from tests.helpers import standin_restorer
 
 
 def _save(path, h, w, seed=0, mode="RGB"):
@@ -56,7 +28,7 @@ def _quiet(**kw):
 
 def test_odd_size_round_trip(tmp_path):
     src = _save(tmp_path / "odd.png", 37, 53)
-    report = cli.restore([src], _standin(), **_quiet())
+    report = cli.restore([src], standin_restorer(), **_quiet())
     assert report.ok and report.done == {str(src): str(tmp_path / "odd_sr.png")}
     with Image.open(tmp_path / "odd_sr.png") as im:
         assert im.size == (212, 148) and im.mode == "RGB"
@@ -70,7 +42,7 @@ def test_bad_files_are_reported_and_skipped(tmp_path):
     (tmp_path / "cut.png").write_bytes(whole[:len(whole) // 2])  # header fine, data truncated
     (tmp_path / "notes.txt").write_text("ignored: a folder contributes image extensions only")
     logged = []
-    report = cli.restore([tmp_path, tmp_path / "missing.png", str(tmp_path / "*.nothing")], _standin(),
+    report = cli.restore([tmp_path, tmp_path / "missing.png", str(tmp_path / "*.nothing")], standin_restorer(),
                            output=tmp_path / "out", progress=False, log=logged.append)
     assert sorted(Path(p).name for p in report.done) == ["a.png", "b.jpg"]
     failed = {Path(f.path).name: f.reason for f in report.failed}
@@ -88,13 +60,13 @@ def test_outputs_never_overwrite_inputs(tmp_path):
     c = _save(tmp_path / "b.png", 16, 16, seed=2)
     before = {p: p.read_bytes() for p in (a, b, c)}
     # Empty suffix into the inputs' own folder: a.png -> a.png and b.jpg -> b.png would clobber inputs.
-    report = cli.restore([tmp_path], _standin(), suffix="", **_quiet())
+    report = cli.restore([tmp_path], standin_restorer(), suffix="", **_quiet())
     assert report.ok
     assert {p: p.read_bytes() for p in (a, b, c)} == before
     assert report.done == {str(a): str(tmp_path / "a_png.png"), str(b): str(tmp_path / "b_jpg.png"),
                            str(c): str(tmp_path / "b_png.png")}
     # A second run must not take the first run's outputs (now files in the folder) as inputs to clobber either.
-    again = cli.restore([a], _standin(), suffix="", **_quiet())
+    again = cli.restore([a], standin_restorer(), suffix="", **_quiet())
     assert again.done == {str(a): str(tmp_path / "a_png.png")} and a.read_bytes() == before[a]
 
 
@@ -112,8 +84,8 @@ def test_output_names_disambiguate(tmp_path):
 
 def test_batches_match_single_images(tmp_path):
     srcs = [_save(tmp_path / f"i{k}.png", 20, 24, seed=k) for k in range(3)] + [_save(tmp_path / "z.png", 9, 11)]
-    r1 = cli.restore(srcs, _standin(), output=tmp_path / "one", batch_size=1, **_quiet())
-    r3 = cli.restore(srcs, _standin(), output=tmp_path / "three", batch_size=3, **_quiet())
+    r1 = cli.restore(srcs, standin_restorer(), output=tmp_path / "one", batch_size=1, **_quiet())
+    r3 = cli.restore(srcs, standin_restorer(), output=tmp_path / "three", batch_size=3, **_quiet())
     assert r1.ok and r3.ok and len(r3.done) == 4
     for s in srcs:
         a = np.asarray(Image.open(r1.done[str(s)]), np.int16)
@@ -124,13 +96,13 @@ def test_batches_match_single_images(tmp_path):
 def test_skip_existing(tmp_path):
     src = _save(tmp_path / "a.png", 8, 8)
     (tmp_path / "a_sr.png").write_bytes(b"keep")
-    report = cli.restore([src], _standin(), skip_existing=True, **_quiet())
+    report = cli.restore([src], standin_restorer(), skip_existing=True, **_quiet())
     assert report.ok and not report.done and (tmp_path / "a_sr.png").read_bytes() == b"keep"
 
 
 def test_pipeline_tiled_equals_untiled_standin():
     x = np.random.default_rng(0).uniform(size=(2, 148, 212, 3)).astype(np.float32)
-    r = _standin()
+    r = standin_restorer()
     whole = r(x, infer.RestoreOptions(latent_tile=96, vae_tile=0, color_fix="none"))
     tiled = r(x, infer.RestoreOptions(latent_tile=12, latent_overlap=6, vae_tile=64, vae_overlap=16,
                                       tiles_per_call=2, color_fix="none"))
