@@ -40,7 +40,8 @@ _COLOR_FIX = flags.DEFINE_enum("color_fix", "adain", ["adain", "wavelet", "none"
 _LATENT_TILE = flags.DEFINE_integer("latent_tile", 96, "UNet tile in latent pixels.")
 _LATENT_OVERLAP = flags.DEFINE_integer("latent_overlap", 32, "UNet tile overlap in latent pixels.")
 _VAE_TILE = flags.DEFINE_integer("vae_tile", 1024, "VAE tile in output pixels (0: never tile).")
-_VAE_OVERLAP = flags.DEFINE_integer("vae_overlap", 64, "VAE tile overlap in output pixels.")
+_VAE_OVERLAP = flags.DEFINE_integer("vae_overlap", 176,  # RestoreOptions' default
+                                    "VAE tile overlap in output pixels (half of it is each tile's context).")
 _UPSCALE = flags.DEFINE_integer("upscale", 4, "Output size / LQ size.")
 
 _DATASET = flags.DEFINE_multi_string("dataset", [], "Test set (repeatable): NAME:hq=DIR[,lq=DIR][,strip=REGEX]"

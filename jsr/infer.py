@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--latent-tile", type=int, default=96, help="UNet tile size in latent pixels (x8 in the image)")
     g.add_argument("--latent-overlap", type=int, default=32, help="UNet tile overlap in latent pixels")
     g.add_argument("--vae-tile", type=int, default=1024, help="VAE tile size in output pixels (0: never tile)")
-    g.add_argument("--vae-overlap", type=int, default=64, help="VAE tile overlap in output pixels")
+    g.add_argument("--vae-overlap", type=int, default=RestoreOptions.vae_overlap,
+                   help="VAE tile overlap in output pixels (half of it is each tile's context)")
     g.add_argument("--tiles-per-call", type=int, default=1, help="tiles batched per UNet/VAE call")
     g.add_argument("--batch-size", type=int, default=1, help="same-size images restored together")
     g = p.add_argument_group("output")

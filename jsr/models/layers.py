@@ -148,6 +148,29 @@ class Conv(nn.Module):
         return y
 
 
+def group_moments(x: jax.Array, num_groups: int) -> tuple[jax.Array, jax.Array]:
+    """Per-sample, per-group mean and (biased) variance of NHWC or [N, L, C] ``x``, float32, each [N, G]."""
+    c = x.shape[-1]
+    xf = x.astype(jnp.float32).reshape(x.shape[0], -1, num_groups, c // num_groups)
+    mean = jnp.mean(xf, axis=(1, 3))
+    var = jnp.mean(jnp.square(xf - mean[:, None, :, None]), axis=(1, 3))
+    return mean, var
+
+
+def group_normalize(x: jax.Array, mean: jax.Array, var: jax.Array, scale: jax.Array, bias: jax.Array,
+                    epsilon: float, dtype: Dtype | None = None) -> jax.Array:
+    """``(x - mean) / sqrt(var + epsilon) * scale + bias`` with group statistics ``mean``/``var`` [N, G] (from
+    :func:`group_moments`, or whole-image statistics gathered tile by tile), computed in float32.
+
+    ``x`` NHWC or [N, L, C] with C divisible by G; ``scale``/``bias`` [C]. Output dtype ``dtype`` or ``x``'s."""
+    shape, c = x.shape, x.shape[-1]
+    g = mean.shape[-1]
+    xf = x.astype(jnp.float32).reshape(shape[0], -1, g, c // g)
+    xf = (xf - mean[:, None, :, None]) * jax.lax.rsqrt(var[:, None, :, None] + epsilon)
+    xf = xf.reshape(shape) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+    return xf.astype(dtype or x.dtype)
+
+
 class GroupNorm(nn.Module):
     """GroupNorm over NHWC (or [N, L, C]) with statistics in float32, as PyTorch's ``nn.GroupNorm``.
 
@@ -166,14 +189,8 @@ class GroupNorm(nn.Module):
             raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.num_groups} groups")
         scale = _param(self, "scale", nn.initializers.ones, ("norm",), (c,), self.param_dtype)
         bias = _param(self, "bias", nn.initializers.zeros, ("norm",), (c,), self.param_dtype)
-        out_dtype = self.dtype or x.dtype
-        shape = x.shape
-        xf = x.astype(jnp.float32).reshape(shape[0], -1, self.num_groups, c // self.num_groups)
-        mean = jnp.mean(xf, axis=(1, 3), keepdims=True)
-        var = jnp.mean(jnp.square(xf - mean), axis=(1, 3), keepdims=True)
-        xf = (xf - mean) * jax.lax.rsqrt(var + self.epsilon)
-        xf = xf.reshape(shape) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
-        return xf.astype(out_dtype)
+        mean, var = group_moments(x, self.num_groups)
+        return group_normalize(x, mean, var, scale, bias, self.epsilon, self.dtype)
 
 
 class LayerNorm(nn.Module):

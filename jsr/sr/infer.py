@@ -12,16 +12,18 @@ The pipeline for a batch of same-size LQ images (NHWC):
    OSEDiff feeds it (values in [0, 1], clipped after the bicubic overshoot). The caller does this step.
 2. **Pad** to a multiple of 8 by mirror reflection (the VAE downsamples by 8); the output is cropped back, so any
    size goes in (37 x 53 LQ -> 148 x 212 SR).
-3. **Encode** with the VAE (+ encoder LoRA), in pixel tiles of ``vae_tile`` when the image is larger
-   (``jsr.sr.tiling.tiled_encode``); the posterior mean, so the output is deterministic.
+3. **Encode** with the VAE (+ encoder LoRA), in pixel tiles of ``vae_tile`` when the image is larger; the
+   posterior mean, so the output is deterministic. Tiles share whole-image GroupNorm statistics and the
+   mid-block attention sees the whole image (``jsr.sr.staged_tiling``), so tiling costs only border context.
 4. **The one step** in latent space, in latent tiles of ``latent_tile`` with ``latent_overlap`` and Gaussian
    blending when the latent is larger: OSEDiff ``x0(z, U(z, 999))``, PiSA-SR ``z - (lp eps_pix + ls eps_sem)``,
    or CTSR's stage-1 latent moved to the control ``t`` (``jsr.sr.generator``).
-5. **Decode** in latent tiles of ``vae_tile / 8``, crop, map to [0, 1].
+5. **Decode** in latent tiles of ``vae_tile / 8``, tiled as the encoder; crop, map to [0, 1].
 6. **Colour fix** against the upscaled LQ (AdaIN by default, as OSEDiff and CTSR; wavelet; none).
 
-Tiling keeps device memory bounded (one batch of tiles at a time, blending on the host); its error against a
-whole-image pass is discussed in :mod:`jsr.sr.tiling`.
+Tiling keeps device memory bounded (one batch of tiles at a time, blending or assembling on the host); its error
+against a whole-image pass is discussed in :mod:`jsr.sr.tiling` (the latent step) and :mod:`jsr.sr.staged_tiling`
+(the VAE).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from PIL import Image
 
 from jsr.models import lora as lora_lib
 from jsr.sr import colorfix, losses, tiling
+from jsr.sr.staged_tiling import TiledVAE
 from jsr.sr import generator as gen
 from jsr.sr.base import Base, load_base
 from jsr.weights import load_peft_lora
@@ -68,7 +71,9 @@ class RestoreOptions:
       color_fix: ``adain``, ``wavelet`` or ``none``.
       latent_tile, latent_overlap: UNet tiles in latent pixels (the step runs whole when the latent fits).
       vae_tile, vae_overlap: VAE tiles in output pixels (encode: that many pixels; decode: / 8 latents);
-        ``0`` = never tile the VAE.
+        ``0`` = never tile the VAE. Each tile keeps half the overlap as context around the part it outputs:
+        the default 176 px is 11 latents, Tiled-VAE's decoder padding. An overlap as large as the tile is
+        clipped to leave one step of 8 pixels (1 latent).
       tiles_per_call: tiles batched into one call of the UNet / VAE.
       pad_multiple: pad the upscaled image to a multiple of this (8: the VAE's downsampling).
     """
@@ -81,7 +86,7 @@ class RestoreOptions:
     latent_tile: int = 96
     latent_overlap: int = 32
     vae_tile: int = 1024
-    vae_overlap: int = 64
+    vae_overlap: int = 176
     tiles_per_call: int = 1
     pad_multiple: int = 8
 
@@ -93,9 +98,9 @@ class RestoreOptions:
         if self.latent_tile < 8 or not 0 <= self.latent_overlap < self.latent_tile:
             raise ValueError(f"latent tile {self.latent_tile} must be >= 8 and overlap {self.latent_overlap} "
                              "in [0, tile)")
-        if self.vae_tile and (self.vae_tile < 64 or not 0 <= self.vae_overlap < self.vae_tile):
-            raise ValueError(f"vae tile {self.vae_tile} must be 0 (off) or >= 64 px, overlap "
-                             f"{self.vae_overlap} in [0, tile)")
+        if self.vae_tile and self.vae_tile < 64 or self.vae_overlap < 0:
+            raise ValueError(f"vae tile {self.vae_tile} must be 0 (off) or >= 64 px, overlap {self.vae_overlap} "
+                             ">= 0")
         if self.pad_multiple % 8:
             raise ValueError(f"pad_multiple must be a multiple of 8, got {self.pad_multiple}")
 
@@ -116,6 +121,8 @@ class Restorer:
 
     Build one from checkpoints with :func:`load_restorer`; tests build one from stand-in callables. ``knobs``
     names the controls of :class:`RestoreOptions` the latent step honours (:func:`check_options` refuses others).
+    ``tiled_vae`` runs the VAE on large images (:class:`jsr.sr.staged_tiling.TiledVAE`); without one (stand-in
+    maps) ``encode``/``decode`` are tiled by blending (``jsr.sr.tiling``), exact only for local maps.
     """
 
     encode: EncodeFn
@@ -124,6 +131,7 @@ class Restorer:
     method: str = "osediff"
     knobs: tuple[str, ...] = ()
     factor: int = 8  # VAE downsampling
+    tiled_vae: TiledVAE | None = None
 
     def __call__(self, x_up: np.ndarray, opts: RestoreOptions = RestoreOptions()) -> np.ndarray:
         """Restore a batch of upscaled LQ images [B, H, W, 3] in [0, 1] (any H, W) -> SR [B, H, W, 3] in [0, 1]
@@ -133,21 +141,29 @@ class Restorer:
             raise ValueError(f"restorer wants NHWC RGB images [B, H, W, 3], got shape {x_up.shape}")
         padded, size = tiling.pad_to_multiple(x_up, max(self.factor, opts.pad_multiple))
         x = padded * 2.0 - 1.0
-        if opts.vae_tile:
-            z = tiling.tiled_encode(self.encode, x, opts.vae_tile, opts.vae_overlap, opts.tiles_per_call,
-                                    self.factor)
-        else:
-            z = np.asarray(self.encode(x), np.float32)
+        z = self._encode(x, opts)
         z = tiling.tiled_map(lambda zt: self.latent(zt, opts), z, opts.latent_tile, opts.latent_overlap,
                              tiles_per_call=opts.tiles_per_call)
-        if opts.vae_tile:
-            dec_tile = max(1, opts.vae_tile // self.factor)
-            dec_overlap = min(dec_tile - 1, -(-opts.vae_overlap // self.factor))
-            y = tiling.tiled_decode(self.decode, z, dec_tile, dec_overlap, opts.tiles_per_call, self.factor)
-        else:
-            y = np.asarray(self.decode(z), np.float32)
+        y = self._decode(z, opts)
         y = (np.clip(tiling.crop_to(y, size), -1.0, 1.0) + 1.0) / 2.0
         return np.asarray(colorfix.color_fix(y, x_up, opts.color_fix, clip=True), np.float32)
+
+    def _encode(self, x: np.ndarray, opts: RestoreOptions) -> np.ndarray:
+        if not opts.vae_tile or max(x.shape[1:3]) <= opts.vae_tile:  # one tile: the whole-image program
+            return np.asarray(self.encode(x), np.float32)
+        if self.tiled_vae is not None:
+            return self.tiled_vae.encode(x, opts.vae_tile, opts.vae_overlap, opts.tiles_per_call)
+        return tiling.tiled_encode(self.encode, x, opts.vae_tile, opts.vae_overlap, opts.tiles_per_call,
+                                   self.factor)
+
+    def _decode(self, z: np.ndarray, opts: RestoreOptions) -> np.ndarray:
+        tile = max(1, opts.vae_tile // self.factor)
+        if not opts.vae_tile or max(z.shape[1:3]) <= tile:
+            return np.asarray(self.decode(z), np.float32)
+        overlap = min(tile - 1, -(-opts.vae_overlap // self.factor))
+        if self.tiled_vae is not None:
+            return self.tiled_vae.decode(z, tile, overlap, opts.tiles_per_call)
+        return tiling.tiled_decode(self.decode, z, tile, overlap, opts.tiles_per_call, self.factor)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,7 +357,8 @@ def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Seq
                                    jnp.float32(opts.lambda_sem))
 
     factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
-    return Restorer(encode=encode, latent=latent, decode=decode, method=method, knobs=knobs, factor=factor)
+    return Restorer(encode=encode, latent=latent, decode=decode, method=method, knobs=knobs, factor=factor,
+                    tiled_vae=TiledVAE(models, vp, vae_lora))
 
 
 # What each control of RestoreOptions needs, named as the thing rather than as one command line's flag: the

@@ -27,9 +27,9 @@ receptive fields span hundreds of pixels, so tiled and untiled outputs differ by
 context differ from the whole image's. That is the price of bounded memory; larger tiles shrink it. Measured on
 tiny random SD models (``tests/test_infer.py``; 2-core CPU, 2026-11-23) the difference is spread evenly over the
 tiles rather than concentrated at their seams: it comes from the statistics more than from missing context.
-Sharing GroupNorm statistics across tiles (estimated from a first tiled pass, the second pass normalised with
-the tile average, as tiled-VAE tools do) cut the decoder's error there by 1.3-3x and did nothing measurable for
-the encoder and the UNet, so it is not implemented: it would double the cost of every tiled call.
+That is why the restorer does not tile the VAE with this module: :mod:`jsr.sr.staged_tiling` runs it stage by
+stage with whole-image GroupNorm statistics and attention, leaving only the border context. The latent step
+(the UNet) is tiled here, blended, as OSEDiff tiles it.
 """
 
 from __future__ import annotations

@@ -1,0 +1,218 @@
+"""Tiled execution of a network cut at its GroupNorms (:mod:`jsr.models.vae_stages`), with every GroupNorm using
+the statistics of the whole image: how the VAE is tiled for large images.
+
+Blending tiles of a function (:func:`jsr.sr.tiling.tiled_map`) is right for a local function and wrong for one
+with GroupNorms: each tile would normalise with its own statistics, so the error is everywhere, not only at
+seams. Here the network runs stage by stage over all tiles:
+
+1. The image is covered by equal windows (:func:`jsr.sr.tiling.tile_starts`, starts multiples of ``align``) and
+   partitioned into *cores*, one per window: neighbouring windows' overlap is split at its (aligned) middle, so a
+   core keeps at least half the overlap of context on every side that has a neighbour.
+2. Stage ``k`` runs on every window (one batch of ``tiles_per_call`` windows at a time; every call has one shape,
+   so each stage compiles once). The same call reduces its output over the window's core to a per-group count,
+   mean and centred sum of squares.
+3. The host combines those (float64, Chan's parallel formula) into the whole image's group mean and variance,
+   which stage ``k + 1``'s GroupNorm uses on every tile. Each pixel counts once, since cores partition the image.
+4. The output is the mosaic of the last stage's cores: no blending.
+
+Between stages the carries of all windows live on the host (numpy), so device memory holds one batch of windows;
+host memory holds the current stage's activations for the whole image (plus the overlap).
+
+Exactness. The norms are the whole image's up to how far window borders reach into the cores: convolutions at a
+window's inner border see zero padding instead of the neighbour, and the error grows inwards by each layer's
+receptive field. The VAE mid-block's attention sees one window. Neither goes away (the VAE's receptive field is
+larger than any practical overlap); both shrink as overlap and tiles grow. ``tests/test_staged_tiling.py`` states
+the measured figures.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsr.models.vae_stages import Stage
+from jsr.sr.tiling import tile_starts
+
+
+def core_bounds(starts: Sequence[int], tile: int, size: int, align: int = 1) -> list[int]:
+    """Boundaries ``[0, m_1, ..., size]`` of the cores of windows ``[s_i, s_i + tile)`` along one axis: the
+    overlap of windows ``i - 1`` and ``i``, ``[s_i, s_{i-1} + tile)``, is cut at its middle rounded to a multiple of
+    ``align`` (starts and ``tile`` being multiples of it, the cut stays inside both windows)."""
+    cuts = [align * round((s + prev + tile) / (2 * align)) for prev, s in zip(starts, starts[1:])]
+    return [0] + cuts + [size]
+
+
+def _combine(counts: np.ndarray, means: np.ndarray, m2s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Whole-image group mean and biased variance from per-tile ``counts`` [T], ``means`` and ``m2s`` [T, N, G]
+    (float64, Chan et al.'s pairwise update in closed form)."""
+    n = counts.sum()
+    w = (counts / n)[:, None, None]
+    mean = (w * means).sum(0)
+    m2 = m2s.sum(0) + (counts[:, None, None] * np.square(means - mean)).sum(0)
+    return mean, m2 / n
+
+
+def _masked_moments(x: jax.Array, mask: jax.Array, groups: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-group count, mean and centred sum of squares of ``x`` [N, H, W, C] over the pixels where ``mask``
+    [N, H, W] is 1 (float32). Returns ``(count [N], mean [N, G], m2 [N, G])``."""
+    n, h, w, c = x.shape
+    xf = x.astype(jnp.float32).reshape(n, h, w, groups, c // groups)
+    m = mask[:, :, :, None, None]
+    count = mask.sum((1, 2)) * (c // groups)
+    mean = (xf * m).sum((1, 2, 4)) / count[:, None]
+    m2 = (jnp.square(xf - mean[:, None, None, :, None]) * m).sum((1, 2, 4))
+    return count, mean, m2
+
+
+def _stage_call(stage: Stage, next_groups: int):
+    """The jitted stage: ``(params, carry, mean, var, context, core_mask) -> (carry, moments of carry["x"] over
+    the mask)`` (moments ``None`` when no GroupNorm follows)."""
+    def call(params, carry, mean, var, context, mask):
+        out = stage.fn(params, carry, mean, var, context)
+        return out, (_masked_moments(out["x"], mask, next_groups) if next_groups else None)
+    return jax.jit(call)
+
+
+class StagedTiler:
+    """Runs a list of stages tile by tile with whole-image GroupNorm statistics (see the module docstring).
+
+    Build one per network (the jitted stages are cached on it), then call it on any image size.
+    """
+
+    def __init__(self, stages: Sequence[Stage], params: Any):
+        if not stages or stages[0].groups:
+            raise ValueError("staged tiling needs stages whose first has no GroupNorm")
+        self.stages, self.params = list(stages), params
+        nxt = [s.groups for s in self.stages[1:]] + [0]
+        self._calls = [_stage_call(s, g) for s, g in zip(self.stages, nxt)]
+
+    def __call__(self, x: np.ndarray | jax.Array, tile: int, overlap: int, *, align: int = 1,
+                 tiles_per_call: int = 1) -> np.ndarray:
+        """The staged network on ``x`` [B, H, W, C] (NHWC, the network's input range) in windows of ``tile``
+        input pixels (clipped to the image) overlapping by at least ``overlap``; starts are multiples of
+        ``align`` (the network's total downsampling, so every window maps onto whole pixels at every stage).
+
+        Returns numpy float32 [B, H s, W s, C'] with ``s`` the last stage's scale. One window covering the image
+        computes what the untiled network does.
+        """
+        b, h, w, _ = x.shape
+        th, tw = min(tile, h), min(tile, w)
+        if h % align or w % align or th % align or tw % align:
+            raise ValueError(f"staged tiling: image {h}x{w} and tile {th}x{tw} must be multiples of {align}")
+        ys = tile_starts(h, th, max(0, min(overlap, th - align)), align)
+        xs = tile_starts(w, tw, max(0, min(overlap, tw - align)), align)
+        cy, cx = core_bounds(ys, th, h, align), core_bounds(xs, tw, w, align)
+        windows = [_Window(y, xx, cy[i], cy[i + 1], cx[j], cx[j + 1], th, tw)
+                   for i, y in enumerate(ys) for j, xx in enumerate(xs)]
+        k = max(1, min(int(tiles_per_call), len(windows)))
+        # Each call takes k windows (the last group repeats its last window, so every call has one shape); only
+        # the first `real` windows of a group count towards statistics and output.
+        groups = [windows[g:g + k] for g in range(0, len(windows), k)]
+        real = [len(grp) for grp in groups]
+        groups = [grp + [grp[-1]] * (k - len(grp)) for grp in groups]
+
+        carries = [{"x": np.concatenate([np.asarray(x[:, w_.y:w_.y + th, w_.x:w_.x + tw]) for w_ in grp], 0)}
+                   for grp in groups]
+        mean = var = context = None
+        for stage, call in zip(self.stages, self._calls):
+            stats: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+            mb = None if mean is None else np.tile(mean, (k, 1))
+            vb = None if var is None else np.tile(var, (k, 1))
+            for gi, grp in enumerate(groups):
+                masks = np.concatenate([np.repeat(w_.core_mask(stage.scale)[None], b, 0) for w_ in grp], 0)
+                out, mom = call(self.params, carries[gi], mb, vb, context, masks)
+                carries[gi] = jax.tree.map(np.asarray, out)
+                if mom is not None:
+                    cnt, mu, m2 = (np.asarray(a, np.float64) for a in mom)
+                    stats += [(cnt[t * b], mu[t * b:(t + 1) * b], m2[t * b:(t + 1) * b]) for t in range(real[gi])]
+            mean = var = context = None
+            if stats:
+                mean, var = _combine(*(np.stack(a) for a in zip(*stats)))
+                mean, var = mean.astype(np.float32), var.astype(np.float32)
+            if stage.gather:
+                # Put once: every call of the next stage reads the same whole-image arrays.
+                context = {key: jax.device_put(_mosaic([c.pop(key) for c in carries], groups, real, b, h, w,
+                                                       stage.scale)) for key in stage.gather}
+        return _mosaic([c["x"] for c in carries], groups, real, b, h, w, self.stages[-1].scale)
+
+
+class _Window:
+    """A window ``[y, y + th) x [x, x + tw)`` of the input and its core ``[y0, y1) x [x0, x1)`` (image
+    coordinates, input pixels)."""
+
+    def __init__(self, y: int, x: int, y0: int, y1: int, x0: int, x1: int, th: int, tw: int):
+        self.y, self.x, self.y0, self.y1, self.x0, self.x1, self.th, self.tw = y, x, y0, y1, x0, x1, th, tw
+
+    def core(self, s: Fraction) -> tuple[slice, slice]:
+        """The core within the window at scale ``s``."""
+        return (slice(_scaled(self.y0 - self.y, s), _scaled(self.y1 - self.y, s)),
+                slice(_scaled(self.x0 - self.x, s), _scaled(self.x1 - self.x, s)))
+
+    def core_in_image(self, s: Fraction) -> tuple[slice, slice]:
+        return (slice(_scaled(self.y0, s), _scaled(self.y1, s)), slice(_scaled(self.x0, s), _scaled(self.x1, s)))
+
+    def core_mask(self, s: Fraction) -> np.ndarray:
+        """[th s, tw s] float32, 1 on the core."""
+        m = np.zeros((_scaled(self.th, s), _scaled(self.tw, s)), np.float32)
+        m[self.core(s)] = 1.0
+        return m
+
+
+def _mosaic(parts: list[Any], groups: list[list[_Window]], real: list[int], b: int, h: int, w: int,
+            s: Fraction) -> np.ndarray:
+    """The image [b, h s, w s, C] (float32) assembled from every window's core of ``parts`` (one [k b, ...]
+    array per group)."""
+    out = None
+    for part, grp, n in zip(parts, groups, real):
+        part = np.asarray(part, np.float32)
+        if out is None:
+            out = np.zeros((b, _scaled(h, s), _scaled(w, s), part.shape[-1]), np.float32)
+        for t, w_ in enumerate(grp[:n]):
+            out[(slice(None),) + w_.core_in_image(s)] = part[(slice(t * b, (t + 1) * b),) + w_.core(s)]
+    return out
+
+
+def _scaled(v: int, s: Fraction) -> int:
+    out = v * s
+    if out.denominator != 1:
+        raise ValueError(f"staged tiling: {v} pixels at scale {s} is not whole; align the tiles")
+    return int(out)
+
+
+class TiledVAE:
+    """The SD VAE of a :class:`jsr.sr.generator.SDModels` run by :class:`StagedTiler` for large images: what
+    :func:`jsr.sr.generator.encode` (posterior mean) and :func:`jsr.sr.generator.decode` compute, tile by tile.
+
+    The encoder LoRA (OSEDiff's) is folded into the encoder's weights once (``jsr.models.lora.merge``): in float32
+    that equals the LoRA branch to rounding; with bf16 parameters the merged kernel is rounded to bf16 once.
+    """
+
+    def __init__(self, models: Any, vae_params: Any, vae_lora: Any = None):
+        from jsr.models import lora as lora_lib
+        from jsr.models.vae_stages import decoder_stages, encoder_stages
+
+        vae = models.vae
+        enc_params = vae_params if vae_lora is None else lora_lib.merge(vae_params, vae_lora)
+        self._encoder = StagedTiler(encoder_stages(vae), enc_params)
+        self._decoder = StagedTiler(decoder_stages(vae), vae_params)
+        self.scaling_factor = float(models.scaling_factor)
+        self.latent_channels = vae.config.latent_channels
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def encode(self, x: np.ndarray, tile: int, overlap: int, tiles_per_call: int = 1) -> np.ndarray:
+        """Images [B, H, W, 3] in [-1, 1] (H, W multiples of 8) -> scaled latents [B, H/8, W/8, 4] (float32) in
+        windows of ``tile`` pixels (rounded down to a multiple of 8) overlapping by ``overlap`` (rounded up)."""
+        f = self.factor
+        tile, overlap = max(f, tile - tile % f), -(-overlap // f) * f
+        moments = self._encoder(x, tile, overlap, align=f, tiles_per_call=tiles_per_call)
+        return moments[..., :self.latent_channels] * self.scaling_factor
+
+    def decode(self, z: np.ndarray, tile: int, overlap: int, tiles_per_call: int = 1) -> np.ndarray:
+        """Scaled latents [B, h, w, 4] -> images [B, 8h, 8w, 3] clipped to [-1, 1] (float32) in windows of
+        ``tile`` latent pixels overlapping by ``overlap``."""
+        z = np.asarray(z, np.float32) / self.scaling_factor
+        return np.clip(self._decoder(z, tile, overlap, tiles_per_call=tiles_per_call), -1.0, 1.0)
