@@ -21,9 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(name="osediff", **over):
-    # OSEDiff (two updates per step: generator with VSD, then the fake score on the carried latent) without LPIPS:
-    # compiling is most of a tiny run's cost, so every test here uses this one program on one device and shares it
-    # through the persistent compilation cache.
+    # Without LPIPS, on one device. Compiling is most of a tiny run's cost, and on XLA:CPU loading a program from
+    # the persistent cache is not free either (2-core CPU, 2026-11-23: OSEDiff's step compiles in 140 s and loads
+    # in 63 s; the fidelity step 87 s and 25 s), so the tests that call the loop several times (resume, NaN) run
+    # the fidelity step and share it; OSEDiff (two updates per step: the generator with VSD, then the fake score
+    # on the carried latent) runs in its own test and on the 2x2x2 mesh.
     c = {"fidelity": fidelity, "osediff": osediff, "pisa": pisa}[name].get_config("tiny")
     c.loss.lpips = 0.0
     c.total_steps = 4
@@ -44,17 +46,17 @@ def _params(summary):
 
 
 def test_kill_and_resume_gives_the_uninterrupted_parameters(tmp_path):
-    ref = loop.train(_config(), tmp_path / "ref")
+    ref = loop.train(_config("fidelity"), tmp_path / "ref")
     assert ref["status"] == "done" and ref["step"] == 4
     assert np.isfinite(ref["metrics"]["gen/loss"]) and ref["metrics"]["gen/rec_l2"] > 0
 
     run = tmp_path / "run"
-    pre = loop.train(_config(**{"debug.sigterm_at_step": 1}), run)  # SIGTERM -> save at the step boundary
+    pre = loop.train(_config("fidelity", **{"debug.sigterm_at_step": 1}), run)  # SIGTERM -> save at the step boundary
     assert pre["status"] == "preempted" and pre["step"] == 1
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [1]
     with pytest.raises(SystemExit, match="simulated crash"):
-        loop.train(_config(**{"debug.crash_after_step": 3}), run)  # dies after step 3; last checkpoint is 2
-    done = loop.train(_config(), run)  # resumes from step 2
+        loop.train(_config("fidelity", **{"debug.crash_after_step": 3}), run)  # dies after step 3; last checkpoint is 2
+    done = loop.train(_config("fidelity"), run)  # resumes from step 2
     assert done["status"] == "done" and done["step"] == 4
     jax.tree.map(np.testing.assert_array_equal, _params(done), _params(ref))
     assert (run / "export" / "gen" / "unet" / "adapter_model.safetensors").is_file()
@@ -62,10 +64,10 @@ def test_kill_and_resume_gives_the_uninterrupted_parameters(tmp_path):
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
-    out = loop.train(_config(**{"total_steps": 2, "debug.nan_steps": (1,)}), tmp_path / "a")
+    out = loop.train(_config("fidelity", **{"total_steps": 2, "debug.nan_steps": (1,)}), tmp_path / "a")
     assert out["metrics"]["gen/skipped"] == 1.0 and out["metrics"]["nonfinite_steps"] == 1.0
     with pytest.raises(loop.NonFiniteLossError, match="step 2: 2 consecutive"):
-        loop.train(_config(**{"total_steps": 4, "max_nonfinite": 2, "debug.nan_steps": (0, 1, 2, 3)}),
+        loop.train(_config("fidelity", **{"total_steps": 4, "max_nonfinite": 2, "debug.nan_steps": (0, 1, 2, 3)}),
                    tmp_path / "b")
 
 
