@@ -14,9 +14,7 @@ Prints a table and writes JSON (``--out``, default benchmarks/results/one_step_f
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -25,6 +23,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from _common import environment, write_result
 
 
 def _args() -> argparse.Namespace:
@@ -97,12 +97,9 @@ def main() -> None:
     compile_s = time.perf_counter() - t0
     jsr_times = _time(lambda: jsr_forward(unet_params, vae_params, x, c).block_until_ready(), args.repeats)
 
-    device = jax.devices()[0]
     result = {
         "benchmark": "one_step_forward", "preset": args.preset, "size": args.size, "batch": args.batch,
-        "date": time.strftime("%Y-%m-%d"), "machine": platform.node(), "cpu_count": os.cpu_count(),
-        "jax_backend": jax.default_backend(), "jax_device": str(device.device_kind), "jax": jax.__version__,
-        "unet_params": int(n_unet), "vae_params": int(n_vae),
+        **environment(), "unet_params": int(n_unet), "vae_params": int(n_vae),
         "jsr": {"dtype": args.dtype, "attention": args.attention, "compile_plus_first_s": compile_s,
                 "times_s": jsr_times, "median_s": statistics.median(jsr_times)},
     }
@@ -146,10 +143,8 @@ def main() -> None:
               f"{', '.join(f'{t:.2f}' for t in tt['times_s']):>30}")
         print(f"jsr is {result['speedup_vs_torch']:.2f}x PyTorch's speed "
               f"(outputs differ by relative L2 {result['relative_l2_difference']:.2e})")
-    out = Path(args.out or f"benchmarks/results/one_step_forward-{result['jax_backend']}-{args.preset}-{args.size}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(result, args.out or
+                 f"benchmarks/results/one_step_forward-{result['jax_backend']}-{args.preset}-{args.size}.json")
 
 
 if __name__ == "__main__":

@@ -20,9 +20,6 @@ Prints a table and writes JSON (``--out``, default ``benchmarks/results/train_st
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -32,6 +29,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from _common import environment, write_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives at the repo root
 
@@ -191,16 +190,12 @@ def main() -> None:
                   f"{row['flops'] / 1e9:10.4g} GFLOP  MFU {100 * row['mfu']:5.1f} %  "
                   f"(compile {row['compile_s']:.0f} s)", flush=True)
     result = {
-        "benchmark": "train_step", "date": time.strftime("%Y-%m-%d"), "backend": jax.default_backend(),
-        "device": jax.devices()[0].device_kind, "host": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(), "jax": jax.__version__, "preset": args.preset, "size": args.size,
+        "benchmark": "train_step", **environment(), "preset": args.preset, "size": args.size,
         "batch": args.batch, "dtype": args.dtype, "remat": args.remat, "attention": args.attention,
         "peak_flops": peak, "peak_source": peak_src, "rows": rows,
     }
-    out = Path(args.out or Path(__file__).parent / "results" / f"train_step-{jax.default_backend()}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"peak {peak / 1e12:.2f} TFLOP/s ({peak_src}); wrote {out}")
+    print(f"peak {peak / 1e12:.2f} TFLOP/s ({peak_src})")
+    write_result(result, args.out or Path(__file__).parent / "results" / f"train_step-{jax.default_backend()}.json")
 
 
 if __name__ == "__main__":

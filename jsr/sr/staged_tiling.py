@@ -27,6 +27,7 @@ the measured figures.
 
 from __future__ import annotations
 
+import warnings
 from fractions import Fraction
 from typing import Any, Sequence
 
@@ -70,17 +71,27 @@ def _masked_moments(x: jax.Array, mask: jax.Array, groups: int) -> tuple[jax.Arr
 
 def _stage_call(stage: Stage, next_groups: int):
     """The jitted stage: ``(params, carry, mean, var, context, core_mask) -> (carry, moments of carry["x"] over
-    the mask)`` (moments ``None`` when no GroupNorm follows)."""
+    the mask)`` (moments ``None`` when no GroupNorm follows). The carry is donated: it arrives from the host as a
+    fresh buffer, and XLA may write the output over it (a stage whose output differs in shape cannot reuse it,
+    which JAX would warn about on every compile: not news here)."""
     def call(params, carry, mean, var, context, mask):
         out = stage.fn(params, carry, mean, var, context)
         return out, (_masked_moments(out["x"], mask, next_groups) if next_groups else None)
-    return jax.jit(call)
+    jitted = jax.jit(call, donate_argnums=1)
+
+    def run(*args):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+            return jitted(*args)
+    run.lower = jitted.lower  # for memory accounting (benchmarks/tiled_vae.py)
+    return run
 
 
 class StagedTiler:
     """Runs a list of stages tile by tile with whole-image GroupNorm statistics (see the module docstring).
 
-    Build one per network (the jitted stages are cached on it), then call it on any image size.
+    Build one per network, then call it on any image size. ``calls`` are the jitted stage programs
+    (``(params, carry, mean, var, context, core_mask) -> (carry, moments)``), cached on the tiler.
     """
 
     def __init__(self, stages: Sequence[Stage], params: Any):
@@ -88,7 +99,7 @@ class StagedTiler:
             raise ValueError("staged tiling needs stages whose first has no GroupNorm")
         self.stages, self.params = list(stages), params
         nxt = [s.groups for s in self.stages[1:]] + [0]
-        self._calls = [_stage_call(s, g) for s, g in zip(self.stages, nxt)]
+        self.calls = [_stage_call(s, g) for s, g in zip(self.stages, nxt)]
 
     def __call__(self, x: np.ndarray | jax.Array, tile: int, overlap: int, *, align: int = 1,
                  tiles_per_call: int = 1) -> np.ndarray:
@@ -118,7 +129,7 @@ class StagedTiler:
         carries = [{"x": np.concatenate([np.asarray(x[:, w_.y:w_.y + th, w_.x:w_.x + tw]) for w_ in grp], 0)}
                    for grp in groups]
         mean = var = context = None
-        for stage, call in zip(self.stages, self._calls):
+        for stage, call in zip(self.stages, self.calls):
             stats: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
             mb = None if mean is None else np.tile(mean, (k, 1))
             vb = None if var is None else np.tile(var, (k, 1))
