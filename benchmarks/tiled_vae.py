@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from _common import environment, write_result
+from jsr.sr.tiling import tile_starts
 
 MB = 2 ** 20
 
@@ -39,6 +40,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--overlap", type=int, default=176, help="VAE tile overlap in output pixels")
     p.add_argument("--dtype", default="float32", help="compute and parameter dtype")
     p.add_argument("--time", type=int, default=0, help="also run both at this size and time them (0: no)")
+    p.add_argument("--sweep", default="", help="with --time: encoder error of staged and of blended tiles "
+                   "(per-tile statistics) for TILE:OVERLAP pairs in pixels, e.g. 200:16,224:64,256:128")
     p.add_argument("--out", default=None, help="JSON output path")
     return p.parse_args()
 
@@ -47,19 +50,19 @@ def _bytes(tree) -> int:
     return sum(int(np.prod(x.shape)) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
 
-def _program_bytes(fn, *args) -> int:
-    """Arguments + outputs + temporaries of ``fn``'s compiled program (XLA's accounting; aliased buffers once)."""
+def _program_bytes(fn, *args, donate: tuple[int, ...] = ()) -> int:
+    """Arguments + outputs + temporaries of the compiled program of ``fn`` (XLA's accounting; aliased buffers
+    once). Every argument is kept, so the parameters count in full whether or not the program reads them all."""
     with warnings.catch_warnings():  # stages donate their carry; where XLA cannot reuse it, that is expected
         warnings.filterwarnings("ignore", "Some donated buffers were not usable")
-        m = fn.lower(*args).compile().memory_analysis()
+        jitted = jax.jit(fn, keep_unused=True, donate_argnums=donate)
+        m = jitted.lower(*args).compile().memory_analysis()
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
 def _staged_memory(tiler, x_shape, tile, overlap, align, params_bytes):
     """(largest device bytes of one staged call without the parameters, largest host bytes of the carries) for
     an input [1, H, W, C] in windows of ``tile`` (the executor's geometry)."""
-    from jsr.sr.tiling import tile_starts
-
     _, h, w, c = x_shape
     th, tw = min(tile, h), min(tile, w)
     n_windows = (len(tile_starts(h, th, max(0, min(overlap, th - align)), align))
@@ -71,7 +74,8 @@ def _staged_memory(tiler, x_shape, tile, overlap, align, params_bytes):
     for stage, call in zip(tiler.stages, tiler.calls):
         mean = var = sds((1, stage.groups), jnp.float32) if stage.groups else None
         mask = sds((1,) + tuple(int(v * stage.scale) for v in (th, tw)), jnp.float32)
-        device = max(device, _program_bytes(call, tiler.params, carry, mean, var, context, mask) - params_bytes)
+        device = max(device, _program_bytes(call.fn, tiler.params, carry, mean, var, context, mask, donate=(1,))
+                     - params_bytes)
         out, _ = jax.eval_shape(call, tiler.params, carry, mean, var, context, mask)
         host = max(host, n_windows * _bytes(out))
         context = {k: sds((1, int(h * stage.scale), int(w * stage.scale), out[k].shape[-1]), out[k].dtype)
@@ -94,8 +98,9 @@ def main() -> None:
     params_bytes = _bytes(params)
     enc, dec = StagedTiler(encoder_stages(vae), params), StagedTiler(decoder_stages(vae), params)
     f = vae.config.downscale
-    whole_enc = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode")[0])
-    whole_dec = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))
+    enc_fn = lambda p, x: vae.apply({"params": p}, x, method="encode")[0]  # noqa: E731
+    dec_fn = lambda p, z: vae.apply({"params": p}, z, method="decode")  # noqa: E731
+    whole_enc, whole_dec = jax.jit(enc_fn), jax.jit(dec_fn)
     sds = jax.ShapeDtypeStruct
     result = {"benchmark": "tiled_vae", **environment(), "preset": args.preset, "dtype": args.dtype, "tile": args.tile, "overlap": args.overlap,
               "params_mb": params_bytes / MB, "sizes": []}
@@ -104,8 +109,8 @@ def main() -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         row = {"size": size}
         for part, tiler, fn, shape, tile, overlap, align in (
-                ("encode", enc, whole_enc, (1, size, size, 3), args.tile, args.overlap, f),
-                ("decode", dec, whole_dec, (1, size // f, size // f, vae.config.latent_channels), args.tile // f,
+                ("encode", enc, enc_fn, (1, size, size, 3), args.tile, args.overlap, f),
+                ("decode", dec, dec_fn, (1, size // f, size // f, vae.config.latent_channels), args.tile // f,
                  -(-args.overlap // f), 1)):
             whole = _program_bytes(fn, params, sds(shape, jnp.float32)) - params_bytes
             tiled, host, windows = _staged_memory(tiler, shape, tile, overlap, align, params_bytes)
@@ -142,6 +147,21 @@ def main() -> None:
                   f"{err:.2e} (random weights)")
         timing.pop("latent")
         result["timing"] = timing
+        if args.sweep:
+            from jsr.sr.tiling import tiled_encode
+
+            ref = np.asarray(whole_enc(params, x))
+            rel = lambda a: float(np.linalg.norm(a - ref) / np.linalg.norm(ref))  # noqa: E731
+            result["sweep"] = []
+            for pair in args.sweep.split(","):
+                tile, overlap = (int(v) for v in pair.split(":"))
+                starts = tile_starts(s, min(tile, s), overlap, f)
+                real = min(b + tile - a for a, b in zip(starts[1:], starts)) if len(starts) > 1 else 0
+                staged = rel(enc(x, tile, overlap, align=f)[..., :ref.shape[-1]])
+                blended = rel(tiled_encode(lambda t: whole_enc(params, t), x, tile, overlap))
+                result["sweep"].append({"tile": tile, "overlap": real, "staged": staged, "blended": blended})
+                print(f"encode {s} px, tile {tile}, overlap {real} (context {real // 2} px): relative L2 staged "
+                      f"{staged:.2e}, blended with per-tile statistics {blended:.2e}", flush=True)
     print(f"{result['jax_backend']} ({result['jax_device']}), {os.cpu_count()} cores, {result['date']}")
     write_result(result, args.out or f"benchmarks/results/tiled_vae-{result['jax_backend']}-{args.preset}.json")
 

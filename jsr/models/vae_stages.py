@@ -22,7 +22,6 @@ from fractions import Fraction
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 
 from jsr.models.attention import dot_product_attention
 from jsr.models.layers import Conv, Dense, group_moments, group_normalize

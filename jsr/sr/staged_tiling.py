@@ -83,7 +83,7 @@ def _stage_call(stage: Stage, next_groups: int):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Some donated buffers were not usable")
             return jitted(*args)
-    run.lower = jitted.lower  # for memory accounting (benchmarks/tiled_vae.py)
+    run.fn = call  # unjitted, for memory accounting (benchmarks/tiled_vae.py)
     return run
 
 
