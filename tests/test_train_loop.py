@@ -23,9 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def _config(name="osediff", **over):
     # Without LPIPS, on one device. Compiling is most of a tiny run's cost, and on XLA:CPU loading a program from
     # the persistent cache is not free either (2-core CPU, 2026-11-23: OSEDiff's step compiles in 140 s and loads
-    # in 63 s; the fidelity step 87 s and 25 s), so the tests that call the loop several times (resume, NaN) run
-    # the fidelity step and share it; OSEDiff (two updates per step: the generator with VSD, then the fake score
-    # on the carried latent) runs in its own test and on the 2x2x2 mesh.
+    # in 63 s; the fidelity step 87 s and 25 s), so the tests that call the loop several times (resume, NaN) and
+    # the 2x2x2-mesh test run the fidelity step (one UNet LoRA update: what the sharding rules act on); OSEDiff
+    # (two updates per step: the generator with VSD, then the fake score on the carried latent) runs in its own
+    # test.
     c = {"fidelity": fidelity, "osediff": osediff, "pisa": pisa}[name].get_config("tiny")
     c.loss.lpips = 0.0
     c.total_steps = 4
@@ -76,7 +77,7 @@ def test_sharded_step_equals_single_device_step():
     from jsr.train import methods, sharding
     from jsr.train.step import init_state, make_train_step
 
-    c = _config()
+    c = _config("fidelity")
     base = load_base("", dtype=jnp.float32)
     setup = methods.build(c, base, jax.random.key(1))
     state = init_state(setup.params, setup.all_updates, 0)

@@ -145,9 +145,12 @@ class StagedTiler:
                 mean, var = _combine(*(np.stack(a) for a in zip(*stats)))
                 mean, var = mean.astype(np.float32), var.astype(np.float32)
             if stage.gather:
-                # Put once: every call of the next stage reads the same whole-image arrays.
-                context = {key: jax.device_put(_mosaic([c.pop(key) for c in carries], groups, real, b, h, w,
-                                                       stage.scale)) for key in stage.gather}
+                # Put once: every call of the next stage reads the same whole-image arrays (in the carry's dtype).
+                context = {}
+                for key in stage.gather:
+                    parts = [c.pop(key) for c in carries]
+                    context[key] = jax.device_put(_mosaic(parts, groups, real, b, h, w, stage.scale,
+                                                          parts[0].dtype))
         return _mosaic([c["x"] for c in carries], groups, real, b, h, w, self.stages[-1].scale)
 
 
@@ -174,14 +177,14 @@ class _Window:
 
 
 def _mosaic(parts: list[Any], groups: list[list[_Window]], real: list[int], b: int, h: int, w: int,
-            s: Fraction) -> np.ndarray:
-    """The image [b, h s, w s, C] (float32) assembled from every window's core of ``parts`` (one [k b, ...]
+            s: Fraction, dtype: Any = np.float32) -> np.ndarray:
+    """The image [b, h s, w s, C] (``dtype``) assembled from every window's core of ``parts`` (one [k b, ...]
     array per group)."""
     out = None
     for part, grp, n in zip(parts, groups, real):
-        part = np.asarray(part, np.float32)
+        part = np.asarray(part, dtype)
         if out is None:
-            out = np.zeros((b, _scaled(h, s), _scaled(w, s), part.shape[-1]), np.float32)
+            out = np.zeros((b, _scaled(h, s), _scaled(w, s), part.shape[-1]), dtype)
         for t, w_ in enumerate(grp[:n]):
             out[(slice(None),) + w_.core_in_image(s)] = part[(slice(t * b, (t + 1) * b),) + w_.core(s)]
     return out
