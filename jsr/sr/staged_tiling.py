@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsr.models.vae_stages import Stage
-from jsr.sr.tiling import tile_starts
+from jsr.sr.tiling import scaled, tile_starts
 
 
 def core_bounds(starts: Sequence[int], tile: int, size: int, align: int = 1) -> list[int]:
@@ -163,15 +163,15 @@ class _Window:
 
     def core(self, s: Fraction) -> tuple[slice, slice]:
         """The core within the window at scale ``s``."""
-        return (slice(_scaled(self.y0 - self.y, s), _scaled(self.y1 - self.y, s)),
-                slice(_scaled(self.x0 - self.x, s), _scaled(self.x1 - self.x, s)))
+        return (slice(scaled(self.y0 - self.y, s), scaled(self.y1 - self.y, s)),
+                slice(scaled(self.x0 - self.x, s), scaled(self.x1 - self.x, s)))
 
     def core_in_image(self, s: Fraction) -> tuple[slice, slice]:
-        return (slice(_scaled(self.y0, s), _scaled(self.y1, s)), slice(_scaled(self.x0, s), _scaled(self.x1, s)))
+        return (slice(scaled(self.y0, s), scaled(self.y1, s)), slice(scaled(self.x0, s), scaled(self.x1, s)))
 
     def core_mask(self, s: Fraction) -> np.ndarray:
         """[th s, tw s] float32, 1 on the core."""
-        m = np.zeros((_scaled(self.th, s), _scaled(self.tw, s)), np.float32)
+        m = np.zeros((scaled(self.th, s), scaled(self.tw, s)), np.float32)
         m[self.core(s)] = 1.0
         return m
 
@@ -184,49 +184,7 @@ def _mosaic(parts: list[Any], groups: list[list[_Window]], real: list[int], b: i
     for part, grp, n in zip(parts, groups, real):
         part = np.asarray(part, dtype)
         if out is None:
-            out = np.zeros((b, _scaled(h, s), _scaled(w, s), part.shape[-1]), dtype)
+            out = np.zeros((b, scaled(h, s), scaled(w, s), part.shape[-1]), dtype)
         for t, w_ in enumerate(grp[:n]):
             out[(slice(None),) + w_.core_in_image(s)] = part[(slice(t * b, (t + 1) * b),) + w_.core(s)]
     return out
-
-
-def _scaled(v: int, s: Fraction) -> int:
-    out = v * s
-    if out.denominator != 1:
-        raise ValueError(f"staged tiling: {v} pixels at scale {s} is not whole; align the tiles")
-    return int(out)
-
-
-class TiledVAE:
-    """The SD VAE of a :class:`jsr.sr.generator.SDModels` run by :class:`StagedTiler` for large images: what
-    :func:`jsr.sr.generator.encode` (posterior mean) and :func:`jsr.sr.generator.decode` compute, tile by tile.
-
-    The encoder LoRA (OSEDiff's) is folded into the encoder's weights once (``jsr.models.lora.merge``): in float32
-    that equals the LoRA branch to rounding; with bf16 parameters the merged kernel is rounded to bf16 once.
-    """
-
-    def __init__(self, models: Any, vae_params: Any, vae_lora: Any = None):
-        from jsr.models import lora as lora_lib
-        from jsr.models.vae_stages import decoder_stages, encoder_stages
-
-        vae = models.vae
-        enc_params = vae_params if vae_lora is None else lora_lib.merge(vae_params, vae_lora)
-        self._encoder = StagedTiler(encoder_stages(vae), enc_params)
-        self._decoder = StagedTiler(decoder_stages(vae), vae_params)
-        self.scaling_factor = float(models.scaling_factor)
-        self.latent_channels = vae.config.latent_channels
-        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
-
-    def encode(self, x: np.ndarray, tile: int, overlap: int, tiles_per_call: int = 1) -> np.ndarray:
-        """Images [B, H, W, 3] in [-1, 1] (H, W multiples of 8) -> scaled latents [B, H/8, W/8, 4] (float32) in
-        windows of ``tile`` pixels (rounded down to a multiple of 8) overlapping by ``overlap`` (rounded up)."""
-        f = self.factor
-        tile, overlap = max(f, tile - tile % f), -(-overlap // f) * f
-        moments = self._encoder(x, tile, overlap, align=f, tiles_per_call=tiles_per_call)
-        return moments[..., :self.latent_channels] * self.scaling_factor
-
-    def decode(self, z: np.ndarray, tile: int, overlap: int, tiles_per_call: int = 1) -> np.ndarray:
-        """Scaled latents [B, h, w, 4] -> images [B, 8h, 8w, 3] clipped to [-1, 1] (float32) in windows of
-        ``tile`` latent pixels overlapping by ``overlap``."""
-        z = np.asarray(z, np.float32) / self.scaling_factor
-        return np.clip(self._decoder(z, tile, overlap, tiles_per_call=tiles_per_call), -1.0, 1.0)

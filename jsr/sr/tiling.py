@@ -78,7 +78,8 @@ def gaussian_weights(height: int, width: int, var: float = 0.01) -> np.ndarray:
     return np.outer(axis(height), axis(width)).astype(np.float32)
 
 
-def _scaled(v: int, scale: Fraction, what: str) -> int:
+def scaled(v: int, scale: Fraction, what: str = "size") -> int:
+    """``v * scale`` as an int; ``ValueError`` naming ``what`` when it is not a whole number of pixels."""
     out = v * scale
     if out.denominator != 1:
         raise ValueError(f"{what} {v} times scale {scale} is not a whole number of output pixels")
@@ -117,8 +118,8 @@ def tiled_map(fn: ArrayFn, x: jax.Array | np.ndarray, tile: int | Sequence[int],
     # An overlap as large as the (clipped) tile would leave no stride: keep at least one aligned step.
     ys = tile_starts(h, th, max(0, min(overlap, th - align)), align)
     xs = tile_starts(w, tw, max(0, min(overlap, tw - align)), align)
-    oth, otw = _scaled(th, scale, "tile height"), _scaled(tw, scale, "tile width")
-    oh, ow = _scaled(h, scale, "height"), _scaled(w, scale, "width")
+    oth, otw = scaled(th, scale, "tile height"), scaled(tw, scale, "tile width")
+    oh, ow = scaled(h, scale, "height"), scaled(w, scale, "width")
     weight = gaussian_weights(oth, otw, var)[None, :, :, None]
     acc: np.ndarray | None = None
     norm = np.zeros((1, oh, ow, 1), np.float32)
@@ -137,7 +138,7 @@ def tiled_map(fn: ArrayFn, x: jax.Array | np.ndarray, tile: int | Sequence[int],
         if acc is None:
             acc = np.zeros((b, oh, ow, out.shape[-1]), np.float32)
         for j, (y, xx) in enumerate(group):
-            oy, ox = _scaled(y, scale, "tile start"), _scaled(xx, scale, "tile start")
+            oy, ox = scaled(y, scale, "tile start"), scaled(xx, scale, "tile start")
             acc[:, oy:oy + oth, ox:ox + otw] += out[j * b:(j + 1) * b] * weight
             norm[:, oy:oy + oth, ox:ox + otw] += weight
     return acc / norm
