@@ -188,3 +188,38 @@ def _mosaic(parts: list[Any], groups: list[list[_Window]], real: list[int], b: i
         for t, w_ in enumerate(grp[:n]):
             out[(slice(None),) + w_.core_in_image(s)] = part[(slice(t * b, (t + 1) * b),) + w_.core(s)]
     return out
+
+
+class TiledVAE:
+    """The SD VAE of a :class:`jsr.sr.generator.SDModels` run by :class:`StagedTiler` for large images: what
+    :func:`jsr.sr.generator.encode` (posterior mean) and :func:`jsr.sr.generator.decode` compute, tile by tile.
+
+    The encoder LoRA (OSEDiff's) is folded into the encoder's weights once (``jsr.models.lora.merge``): in float32
+    that equals the LoRA branch to rounding; with bf16 parameters the merged kernel is rounded to bf16 once.
+    """
+
+    def __init__(self, models: Any, vae_params: Any, vae_lora: Any = None):
+        from jsr.models import lora as lora_lib
+        from jsr.models.vae_stages import decoder_stages, encoder_stages
+
+        vae = models.vae
+        enc_params = vae_params if vae_lora is None else lora_lib.merge(vae_params, vae_lora)
+        self._encoder = StagedTiler(encoder_stages(vae), enc_params)
+        self._decoder = StagedTiler(decoder_stages(vae), vae_params)
+        self.scaling_factor = float(models.scaling_factor)
+        self.latent_channels = vae.config.latent_channels
+        self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
+
+    def encode(self, x: np.ndarray, tile: int, overlap: int, tiles_per_call: int = 1) -> np.ndarray:
+        """Images [B, H, W, 3] in [-1, 1] (H, W multiples of 8) -> scaled latents [B, H/8, W/8, 4] (float32) in
+        windows of ``tile`` pixels (rounded down to a multiple of 8) overlapping by ``overlap`` (rounded up)."""
+        f = self.factor
+        tile, overlap = max(f, tile - tile % f), -(-overlap // f) * f
+        moments = self._encoder(x, tile, overlap, align=f, tiles_per_call=tiles_per_call)
+        return moments[..., :self.latent_channels] * self.scaling_factor
+
+    def decode(self, z: np.ndarray, tile: int, overlap: int, tiles_per_call: int = 1) -> np.ndarray:
+        """Scaled latents [B, h, w, 4] -> images [B, 8h, 8w, 3] clipped to [-1, 1] (float32) in windows of
+        ``tile`` latent pixels overlapping by ``overlap``."""
+        z = np.asarray(z, np.float32) / self.scaling_factor
+        return np.clip(self._decoder(z, tile, overlap, tiles_per_call=tiles_per_call), -1.0, 1.0)
