@@ -22,17 +22,15 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from jsr.sr import colorfix
 from jsr.sr.infer import METHODS, Restorer, RestoreOptions, check_options, load_restorer, upscale_bicubic
 
-IMAGE_EXTS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"})
-
-
-class BadImageError(ValueError):
-    """An input that cannot be restored (unreadable, empty, not a supported image); the message names it."""
+# Files are read and written by jsr.data.images (one reader for inference, training data and metrics); its names
+# stay importable from here.
+from jsr.data.images import BadImageError, image_size, list_images, read_image, write_image  # noqa: F401
+from jsr.data.images import IMAGE_EXTENSIONS as IMAGE_EXTS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,9 +67,9 @@ def collect_inputs(specs: Iterable[str | os.PathLike]) -> tuple[list[Path], list
         spec = str(spec)
         p = Path(spec)
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+            found = list_images(p, recursive=False)
             if not found:
-                failed.append(Failure(spec, f"folder has no image files ({', '.join(sorted(IMAGE_EXTS))})"))
+                failed.append(Failure(spec, f"folder has no image files ({', '.join(IMAGE_EXTS)})"))
             files += found
         elif p.exists():
             files.append(p)
@@ -130,72 +128,6 @@ def _same(a: Path, b: Path) -> bool:
         return os.path.samefile(a, b)
     except OSError:
         return False
-
-
-def image_size(path: Path) -> tuple[int, int]:
-    """``(H, W)`` of an image file as it will be read (EXIF orientation applied), from its header only.
-
-    Raises:
-      BadImageError: empty file or not an image PIL can identify.
-    """
-    try:
-        if path.stat().st_size == 0:
-            raise BadImageError(f"{path}: empty file (0 bytes)")
-        with Image.open(path) as im:
-            w, h = im.size
-            # EXIF orientations 5-8 are transposes: the image reads back as W x H.
-            if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                h, w = w, h
-    except BadImageError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise BadImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-    if h == 0 or w == 0:
-        raise BadImageError(f"{path}: image has size {w}x{h}")
-    return h, w
-
-
-def read_image(path: Path) -> np.ndarray:
-    """An image file as float32 [H, W, 3] RGB in [0, 1] (EXIF orientation applied; alpha dropped; 16-bit
-    greyscale scaled by 1/65535; palette, greyscale and CMYK converted to RGB).
-
-    Raises:
-      BadImageError: empty, truncated, or not an image PIL can decode.
-    """
-    try:
-        if path.stat().st_size == 0:
-            raise BadImageError(f"{path}: empty file (0 bytes)")
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            im.load()
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                g = np.asarray(im, np.float32) / 65535.0
-                arr = np.repeat(g[..., None], 3, axis=-1)
-            elif im.mode == "F":
-                arr = np.repeat(np.asarray(im, np.float32)[..., None], 3, axis=-1)
-            else:
-                arr = np.asarray(im.convert("RGB"), np.float32) / 255.0
-    except BadImageError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise BadImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
-    if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
-        raise BadImageError(f"{path}: decoded to an empty array of shape {arr.shape}")
-    return np.clip(arr, 0.0, 1.0)
-
-
-def write_image(path: Path, img: np.ndarray) -> None:
-    """Write [H, W, 3] float [0, 1] as 8-bit (format from the extension). Written to a temporary name in the same
-    folder and renamed, so an interrupted run never leaves a truncated output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.clip(np.rint(np.asarray(img, np.float32) * 255.0), 0, 255).astype(np.uint8)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
-        Image.fromarray(arr).save(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def restore(inputs: Sequence[str | os.PathLike], restorer: Restorer, opts: RestoreOptions = RestoreOptions(), *,

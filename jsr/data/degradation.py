@@ -37,6 +37,7 @@ from typing import Any, Mapping, Sequence
 import cv2
 import numpy as np
 
+from jsr.data.images import quantize_8bit  # noqa: F401 - one 8-bit grid for LQ, outputs and saved files
 from jsr.data.kernels import KERNEL_TYPES, random_kernel, sinc_kernel
 
 RESIZE_MODES = {"area": cv2.INTER_AREA, "bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC}
@@ -362,11 +363,6 @@ def jpeg(img: np.ndarray, quality: int) -> np.ndarray:
         raise RuntimeError(f"OpenCV could not JPEG-encode an image of shape {img.shape} at quality {quality}")
     bgr = cv2.imdecode(buf, cv2.IMREAD_COLOR)
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB).astype(np.float32) * np.float32(1 / 255)
-
-
-def quantize_8bit(img: np.ndarray) -> np.ndarray:
-    """Round to the nearest of the 256 levels of [0, 1]."""
-    return np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.float32) * np.float32(1 / 255)
 
 
 def upsample(img: np.ndarray, height: int, width: int) -> np.ndarray:

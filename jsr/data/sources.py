@@ -13,7 +13,9 @@ plus ``prompt`` (a string) or ``prompt_path`` (a sidecar text file; its contents
 Sources: ``FolderSource`` (recursive image folder), ``PairedFolderSource`` (LQ/HQ pairs for evaluation, already
 decoded), ``TfdsSource`` (``tfds.data_source`` over ArrayRecord; tensorflow_datasets is optional) and
 ``SyntheticSource`` (seeded procedural images; the default when no data is configured, and the tests' source).
-Images come out HxWx3 RGB: 8-/16-bit and float files, grayscale (replicated) and RGBA (alpha dropped).
+Images come out HxWx3 RGB: 8-/16-bit and float files, grayscale (replicated) and RGBA (alpha dropped), EXIF
+orientation applied; files are decoded by :mod:`jsr.data.images` (re-exported here: ``IMAGE_EXTENSIONS``,
+``decode_image``, ``to_float01``, ``list_images``, and ``load_image`` = ``read_image``).
 """
 
 from __future__ import annotations
@@ -27,55 +29,16 @@ from typing import Any, Iterable, Sequence
 import cv2
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+from jsr.data.images import IMAGE_EXTENSIONS, decode_image, list_images, read_image, to_float01  # noqa: F401
+
 PROMPT_MODES = ("empty", "fixed", "sidecar")
 
 
 # --------------------------------------------------------------------------------------------- decoding
+# Files are decoded by jsr.data.images (one reader for training, inference and metrics); load_image is its
+# read_image under this module's former name.
 
-
-def _to_rgb3(img: np.ndarray, name: str) -> np.ndarray:
-    """cv2 channel order (gray, BGR, BGRA) -> RGB with exactly three channels, same dtype."""
-    if img.ndim == 2:
-        return np.repeat(img[..., None], 3, axis=2)
-    if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
-        raise ValueError(f"{name}: unsupported image shape {img.shape} (expected gray, RGB or RGBA)")
-    if img.shape[2] == 1:
-        return np.repeat(img, 3, axis=2)
-    if img.shape[2] == 4:
-        img = img[..., :3]  # drop alpha, as PIL's convert("RGB") does
-    return np.ascontiguousarray(img[..., ::-1])
-
-
-def decode_image(data: bytes | np.ndarray, name: str = "<bytes>") -> np.ndarray:
-    """Decode an encoded image (jpg/png/webp/bmp/tif...) to HxWx3 RGB in its own dtype (uint8, uint16, float32).
-
-    Raises ``ValueError`` naming ``name`` when the bytes are not a readable image.
-    """
-    buf = np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray, memoryview)) else data
-    if buf.size == 0:
-        raise ValueError(f"{name}: empty file")
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise ValueError(f"{name}: not a readable image (OpenCV could not decode {buf.size} bytes)")
-    return _to_rgb3(img, name)
-
-
-def to_float01(img: np.ndarray) -> np.ndarray:
-    """uint8 (/255), uint16 (/65535) or float (NaN -> 0, clipped) HxWxC -> float32 in [0, 1]."""
-    if img.dtype == np.uint8:
-        return img.astype(np.float32) * np.float32(1 / 255)
-    if img.dtype == np.uint16:
-        return img.astype(np.float32) * np.float32(1 / 65535)
-    if np.issubdtype(img.dtype, np.floating):  # float TIFF/EXR-like data: NaN/inf must not reach training
-        return np.clip(np.nan_to_num(img.astype(np.float32), nan=0.0, posinf=1.0, neginf=0.0), 0.0, 1.0)
-    raise ValueError(f"unsupported image dtype {img.dtype} (expected uint8, uint16 or float)")
-
-
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """Read an image file as HxWx3 float32 RGB in [0, 1]."""
-    with open(path, "rb") as f:
-        return to_float01(decode_image(f.read(), str(path)))
+load_image = read_image
 
 
 def _native_rgb(image: Any, name: str) -> np.ndarray:
@@ -116,17 +79,6 @@ def load_record(record: dict) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- folders
-
-
-def list_images(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                recursive: bool = True) -> list[Path]:
-    """Image files under ``root`` (recursively), extension matched case-insensitively, sorted for a stable order."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
-    exts = {e.lower() if e.startswith(".") else "." + e.lower() for e in extensions}
-    pattern = "**/*" if recursive else "*"
-    return sorted(p for p in root.glob(pattern) if p.suffix.lower() in exts and p.is_file())
 
 
 def _check_prompt(mode: str, text: str) -> None:

@@ -7,7 +7,9 @@ is taken again; an imaginary part that is numerical noise (diagonal below 1e-3) 
 error. Lower is better; 0 for identical statistics.
 
 Folders: every file whose extension is one of pytorch-fid's (bmp, jpg, jpeg, pgm, png, ppm, tif, tiff, webp;
-matched case-insensitively here), sorted by name, read with Pillow and converted to RGB. Each image is resized
+matched case-insensitively here), sorted by name, read by :func:`jsr.data.images.read_image` as everywhere in jsr
+(the same 8-bit values as pytorch-fid's Pillow ``convert("RGB")``; unlike it, EXIF orientation is applied and
+16-bit files keep their depth). Each image is resized
 to 299x299 on its own, so sizes may differ (a new size costs a small compile of the resize only). Small sets give
 biased FID (the SR papers use a few hundred images per set); with fewer images than feature dimensions the
 covariances are singular and the value is unstable.
@@ -22,26 +24,16 @@ from typing import Iterable, Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 from scipy import linalg
 
+from jsr.data import images as image_io  # same layer; jsr.data imports nothing from jsr.metrics
 from jsr.metrics.inception import inception_features, resize_bilinear
-
-IMAGE_EXTENSIONS = frozenset({"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"})
 
 
 def list_images(folder: str | os.PathLike) -> list[Path]:
-    """Image files directly inside ``folder`` (not recursive), sorted by name."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: not a folder of images")
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix[1:].lower() in IMAGE_EXTENSIONS)
-
-
-def load_image(path: str | os.PathLike) -> np.ndarray:
-    """One image file as [H, W, 3] float32 RGB in [0, 1] (8-bit files; Pillow's ``convert("RGB")``)."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), np.float32) / 255.0
+    """Image files directly inside ``folder`` (not recursive, as pytorch-fid), sorted by name
+    (:func:`jsr.data.images.list_images`)."""
+    return image_io.list_images(folder, recursive=False)
 
 
 @jax.jit
@@ -93,13 +85,13 @@ def folder_activations(folder: str | os.PathLike, params: Mapping, *, batch_size
     """FID features of every image in ``folder`` (see :func:`list_images`): [N, dims] float32."""
     files = list_images(folder)
     if not files:
-        raise ValueError(f"{folder}: no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
+        raise ValueError(f"{folder}: no images (looked for {', '.join(image_io.IMAGE_EXTENSIONS)})")
     return image_activations(_load_all(files), params, batch_size=batch_size, dims=dims)
 
 
 def _load_all(files: list[Path]) -> Iterator[np.ndarray]:
     for f in files:
-        yield load_image(f)
+        yield image_io.read_image(f)
 
 
 def activation_statistics(acts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
