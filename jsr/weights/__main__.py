@@ -22,7 +22,11 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from jsr.models.lora import LoRAMismatchError
 from jsr.weights import native
+from jsr.weights.convert import CheckpointMismatchError
+from jsr.weights.io import CorruptFileError
+from jsr.weights.peft import PeftFormatError
 
 COMPONENTS = {
     "unet": ("jsr.weights.unet", "load_unet", "save_unet"),
@@ -30,6 +34,8 @@ COMPONENTS = {
     "text_encoder": ("jsr.weights.clip_text", "load_text_encoder", "save_text_encoder"),
 }
 COPIED = ("tokenizer", "scheduler", "model_index.json", "feature_extractor")
+# Errors that mean "this input file or folder is wrong", reported as one `error: ...` line with exit code 2.
+_INPUT_ERRORS = (CorruptFileError, CheckpointMismatchError, PeftFormatError, LoRAMismatchError, FileNotFoundError)
 
 
 def _functions(component: str):
@@ -192,6 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--dtype", default=None, help="cast parameters (float32, bfloat16, float16)")
     args = p.parse_args(argv)
     dtype = jnp.dtype(args.dtype) if getattr(args, "dtype", None) else None
+    try:
+        _run(args, dtype)
+    except _INPUT_ERRORS as e:
+        # A damaged or mismatched input file: one line naming it, no traceback, argparse's exit code for bad input.
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run(args: argparse.Namespace, dtype) -> None:
+    """Dispatch one parsed command."""
     if args.command == "to-jsr":
         to_jsr(args.src, args.dst, dtype)
     elif args.command == "to-diffusers":
@@ -206,7 +223,6 @@ def main(argv: list[str] | None = None) -> int:
         from jsr.weights.tiny import write_tiny_sd
 
         print(write_tiny_sd(args.dst, seed=args.seed, preset_name=args.preset))
-    return 0
 
 
 if __name__ == "__main__":

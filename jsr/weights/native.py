@@ -8,9 +8,10 @@ training checkpoints use. ``python -m jsr.weights to-jsr`` / ``to-diffusers`` co
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -46,20 +47,48 @@ def read_native(folder: str | os.PathLike, abstract_params: Any, *, model: str, 
       model: the model's name, for error messages.
       dtype: cast to this dtype after loading (default: as stored).
       shardings: optional tree of ``jax.sharding.Sharding`` to restore directly onto a mesh.
+    Raises:
+      jsr.weights.io.CorruptFileError: ``params/`` is not a readable Orbax checkpoint (one line naming it).
+      jsr.weights.convert.CheckpointMismatchError: it holds other names or shapes than the model's.
     """
     folder = Path(folder).absolute()
+    ckpt_dir = folder / PARAMS_DIR
     with ocp.StandardCheckpointer() as ckpt:
-        meta = ckpt.metadata(folder / PARAMS_DIR)
+        with _orbax_errors(ckpt_dir, "metadata"):
+            meta = ckpt.metadata(ckpt_dir)
         stored = getattr(meta, "item_metadata", meta)
         stored = getattr(stored, "tree", stored)
+        if stored is None:
+            # Orbax reports a missing or damaged _METADATA / OCDBT manifest / data file by returning no tree.
+            raise io.CorruptFileError(f"{ckpt_dir}: not a readable Orbax checkpoint (no parameter tree: its "
+                                      "_METADATA, manifest.ocdbt or d/ files are missing or damaged)")
         _check_structure(stored, abstract_params, model, folder)
         target = jax.tree.map(
             lambda a, m, s=None: jax.ShapeDtypeStruct(a.shape, m.dtype, sharding=s),
             abstract_params, stored, *(() if shardings is None else (shardings,)))
-        params = ckpt.restore(folder / PARAMS_DIR, target)
+        with _orbax_errors(ckpt_dir, "arrays"):
+            params = ckpt.restore(ckpt_dir, target)
     if dtype is not None:
         params = jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
     return params
+
+
+@contextlib.contextmanager
+def _orbax_errors(ckpt_dir: Path, part: str) -> Iterator[None]:
+    """Orbax/TensorStore failures while reading ``ckpt_dir`` as one :class:`jsr.weights.io.CorruptFileError` line.
+
+    A damaged checkpoint surfaces as whatever the storage layer raises (ValueError from TensorStore, FileNotFound,
+    JSON errors, ...), often with a multi-line message that does not say which folder; ``part`` says what was being
+    read (``metadata`` or ``arrays``).
+    """
+    try:
+        yield
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised as one line naming the folder
+        text = " ".join(str(e).split()) or "no detail"
+        raise io.CorruptFileError(f"{ckpt_dir}: not a readable Orbax checkpoint (reading its {part}: "
+                                  f"{type(e).__name__}: {text[:300]})") from None
 
 
 def _check_structure(stored: Any, abstract: Any, model: str, folder: Path) -> None:

@@ -41,7 +41,6 @@ import json
 import math
 import os
 import re
-import struct
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -132,18 +131,25 @@ def _locate(path: Path) -> tuple[Path, dict | None]:
         raise FileNotFoundError(f"{path}: no such LoRA file or folder")
     config = None
     if (file.parent / ADAPTER_CONFIG).is_file():
-        config = json.loads((file.parent / ADAPTER_CONFIG).read_text())
+        config = io.read_json(file.parent / ADAPTER_CONFIG, "adapter config")
+        if not isinstance(config, dict):
+            raise io.CorruptFileError(f"{file.parent / ADAPTER_CONFIG}: adapter config is a JSON "
+                                      f"{type(config).__name__}, not an object")
     elif file.suffix == ".safetensors":
         meta = _safetensors_metadata(file).get(METADATA_KEY)
         if meta:
-            config = json.loads(meta)
+            try:
+                config = json.loads(meta)
+            except json.JSONDecodeError as e:
+                raise io.CorruptFileError(f"{file}: metadata {METADATA_KEY!r} is not valid JSON ({e})") from None
     return file, config
 
 
 def _safetensors_metadata(path: Path) -> dict[str, str]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(n)).get("__metadata__", {}) or {}
+    # The validated header (io.read_safetensors_header): a damaged file fails here with its one-line message.
+    header, _ = io.read_safetensors_header(path)
+    meta = header.get("__metadata__") or {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def _read_any(file: Path) -> Any:
@@ -152,11 +158,10 @@ def _read_any(file: Path) -> Any:
     if file.suffix not in (".pkl", ".pt", ".pth", ".bin", ".ckpt"):
         raise PeftFormatError(f"{file}: unknown LoRA file type {file.suffix!r} (want .safetensors, .pkl, .pt, .bin)")
     try:
-        import torch
+        import torch  # noqa: F401 - only to say what is missing
     except ImportError:
         raise ImportError(f"{file} is a PyTorch pickle; reading it needs torch (pip install 'jsr[torch]')") from None
-    obj = torch.load(file, map_location="cpu", weights_only=True)
-    return _numpy_tree(obj)
+    return _numpy_tree(io.torch_load(file))
 
 
 def _numpy_tree(obj: Any) -> Any:
