@@ -1,7 +1,6 @@
 """Benchmark a one-step SR model and write the CTSR paper's tables: ``python evaluate.py --dataset=... --out=DIR``.
 
-    python evaluate.py --model=/models/sd21-base --lora=/ckpt/ctsr1/export/student \\
-      --control_lora=/ckpt/ctsr2/export/control --t=0,0.2,0.4,0.6,0.8,1 \\
+    python evaluate.py --model=/models/sd21-base --lora=/ckpt/ctsr2/export --t=0,0.2,0.4,0.6,0.8,1 \\
       --dataset=RealSR:lq=/data/RealSR/test_LR,hq=/data/RealSR/test_HR \\
       --lpips=/w/vgg16-397923af.pth,/w/lpips_vgg.pth --dists=/w/vgg16-397923af.pth,/w/DISTS_weights.pt \\
       --fid_inception=/w/pt_inception-2015-12-05-6726825d.pth --niqe=/w/niqe_pris_params.npz --out=results/ctsr
@@ -10,32 +9,32 @@ Datasets are paired LQ/HQ folders (matched by file stem) or HQ folders degraded 
 (``--dataset=DIV2K-Val:hq=DIR,crop=512,seed=0``). Without ``--model`` the embedded tiny random SD model runs (a
 smoke test). Writes ``results.md``/``.csv``/``.json``, ``fidelity_realism.png``, ``samples_<dataset>.png`` and the
 SR images into ``--out``; see :mod:`jsr.eval` for the protocol.
+
+Every knob of every registered method (:mod:`jsr.methods`) is a flag ``--<knob>`` (the same names as
+``python -m jsr.infer``); a comma-separated list sweeps it (one knob at a time), and a method whose knob declares a
+default sweep (CTSR's ``t``) is swept over it when the knob is not given.
 """
 
-import dataclasses
 import sys
 
 from absl import app, flags
 
+import jsr.methods
+
 _MODEL = flags.DEFINE_string("model", "", "Base SD folder (diffusers layout); '' or 'tiny' = the embedded tiny "
                              "random model (smoke test).")
-_LORA = flags.DEFINE_multi_string("lora", [], "LoRA file/folder (repeatable): OSEDiff/PiSA-SR .pkl, peft "
-                                  "safetensors, or a jsr export folder; for CTSR the stage-1 export.")
-_CONTROL = flags.DEFINE_string("control_lora", None, "CTSR stage-2 control LoRA (enables the --t sweep).")
-_SEM = flags.DEFINE_string("sem_lora", None, "PiSA-SR semantic LoRA when --lora holds only the pixel one.")
-_METHOD = flags.DEFINE_enum("method", "auto", ["auto", "osediff", "ctsr", "pisasr"], "Restorer method.")
-_LABEL = flags.DEFINE_string("label", None, "Method name in the tables (default CTSR / OSEDiff / PiSA-SR).")
+_LORA = flags.DEFINE_multi_string("lora", [], "Model files, [ROLE=]PATH (repeatable): a jsr export (its manifest "
+                                  "names the method), a release file (.pkl), or a peft LoRA; e.g. "
+                                  "control=ctsr2/export/control.")
+_METHOD = flags.DEFINE_enum("method", "auto", ["auto", *jsr.methods.names()], "Method (auto: from the files).")
+_LABEL = flags.DEFINE_string("label", None, "Model name in the tables (default: the method's, e.g. CTSR).")
 _NO_MODEL = flags.DEFINE_bool("no_model", False, "Measure only the --compare folders.")
 _PROMPT = flags.DEFINE_string("prompt", "", "Text prompt of the UNet.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default bf16 on GPU/TPU, "
                            "f32 on CPU).")
 _ATTENTION = flags.DEFINE_string("attention", "auto", "Attention implementation (jsr.models.attention).")
-_T = flags.DEFINE_list("t", None, "Control values to sweep (CTSR), e.g. 0,0.2,0.4,0.6,0.8,1 (the default with a "
-                       "control LoRA); other methods run once.")
-_T_STEPS = flags.DEFINE_integer("t_steps", 0, "CTSR: Euler steps along the learned flow.")
-_T_SCALE = flags.DEFINE_float("t_scale", 999.0, "CTSR: UNet timestep = t * t_scale (as in stage-2 training).")
-_LAMBDA_PIX = flags.DEFINE_float("lambda_pix", 1.0, "PiSA-SR pixel guidance weight.")
-_LAMBDA_SEM = flags.DEFINE_float("lambda_sem", 1.0, "PiSA-SR semantic guidance weight.")
+_KNOBS = {k.name: flags.DEFINE_list(k.name, None, k.describe() + "; a comma list sweeps it.")
+          for k in jsr.methods.all_knobs().values()}
 _COLOR_FIX = flags.DEFINE_enum("color_fix", "adain", ["adain", "wavelet", "none"], "Colour fix.")
 _LATENT_TILE = flags.DEFINE_integer("latent_tile", 96, "UNet tile in latent pixels.")
 _LATENT_OVERLAP = flags.DEFINE_integer("latent_overlap", 32, "UNet tile overlap in latent pixels.")
@@ -70,51 +69,62 @@ _SAMPLE_CROP = flags.DEFINE_integer("sample_crop", 256, "Sample crop side in out
 _PROGRESS = flags.DEFINE_bool("progress", True, "Progress bars.")
 flags.mark_flags_as_required(["out"])
 
-DEFAULT_SWEEP = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
-def _floats(values):
-    try:
-        out = [float(v) for v in values]
-    except ValueError:
-        raise ValueError(f"--t: want numbers, got {values}") from None
-    if not out:
-        raise ValueError("--t: no values given")
-    return out
+def _knob_flags():
+    """``(fixed knobs, (swept knob, values) or None)`` from the knob flags."""
+    known = jsr.methods.all_knobs()
+    fixed, swept = {}, []
+    for name, flag in _KNOBS.items():
+        if flag.value is None:
+            continue
+        if not flag.value:
+            raise ValueError(f"--{name}: no values given")
+        values = [known[name].parse(v) for v in flag.value]
+        if len(values) == 1:
+            fixed[name] = values[0]
+        else:
+            swept.append((name, values))
+    if len(swept) > 1:
+        raise ValueError(f"sweep one knob at a time, got {', '.join('--' + n for n, _ in swept)}")
+    return fixed, (swept[0] if swept else None)
 
 
 def _setup():
     """Datasets, metrics and model from the flags; the inputs are checked before the (slow) model load."""
     import jsr.eval as ev
-    from jsr.sr.infer import RestoreOptions, check_options, load_restorer
+    from jsr.methods.restorer import check_options, load_restorer
+    from jsr.sr.infer import RestoreOptions
 
     specs = [ev.parse_dataset(s) for s in _DATASET.value]
     compare = [ev.parse_compare(s) for s in _COMPARE.value]
     datasets = [ev.EvalDataset(s, scale=_UPSCALE.value, max_images=_MAX_IMAGES.value) for s in specs]
     ev.check_inputs(datasets, compare, _UPSCALE.value)
-    options = RestoreOptions(t_steps=_T_STEPS.value, lambda_pix=_LAMBDA_PIX.value, lambda_sem=_LAMBDA_SEM.value,
-                             color_fix=_COLOR_FIX.value, latent_tile=_LATENT_TILE.value,
+    fixed, sweep = _knob_flags()
+    options = RestoreOptions(knobs=fixed, color_fix=_COLOR_FIX.value, latent_tile=_LATENT_TILE.value,
                              latent_overlap=_LATENT_OVERLAP.value, vae_tile=_VAE_TILE.value,
                              vae_overlap=_VAE_OVERLAP.value)
-    t_values = None if _T.value is None else _floats(_T.value)
     suite = ev.load_metrics(lpips=_LPIPS.value, dists=_DISTS.value, inception=_INCEPTION.value, niqe=_NIQE.value,
                             pyiqa=_PYIQA.value, crop_border=_CROP_BORDER.value, fid_batch=_FID_BATCH.value,
                             fid_dims=int(_FID_DIMS.value), pyiqa_device=_PYIQA_DEVICE.value)
     restorer = None
     if not _NO_MODEL.value:
-        restorer = load_restorer(_MODEL.value, _LORA.value, control_lora=_CONTROL.value, sem_lora=_SEM.value,
-                                 method=_METHOD.value, dtype=_DTYPE.value, prompt=_PROMPT.value,
-                                 t_scale=_T_SCALE.value, attention_impl=_ATTENTION.value)
-        if t_values is None and "t" in restorer.knobs:
-            t_values = list(DEFAULT_SWEEP)
-        # t outside [0, 1], a sweep on a model without the control, or another control it ignores (--t_steps,
-        # --lambda_*): refused here, where main reports it as an error (raised in ev.evaluate: a traceback).
-        runs = [options] if t_values is None else [dataclasses.replace(options, t=t) for t in t_values]
+        restorer = load_restorer(_MODEL.value, _LORA.value, method=_METHOD.value, dtype=_DTYPE.value,
+                                 prompt=_PROMPT.value, attention_impl=_ATTENTION.value)
+        if sweep is None:  # a knob with a default sweep (CTSR's t) that the model honours and nobody set
+            method = jsr.methods.get(restorer.method)
+            for k in method.knobs:
+                if k.sweep and k.name in restorer.knobs and k.name not in fixed:
+                    sweep = (k.name, list(k.sweep))
+                    break
+        # A knob out of range, a sweep on a model without it, or a knob it ignores: refused here, where main
+        # reports it as an error (raised in ev.evaluate it would be a traceback).
+        runs = [options] if sweep is None else [options.with_knobs(**{sweep[0]: v}) for v in sweep[1]]
         for opts in runs:
             check_options(restorer, opts)
     elif not compare:
         raise ValueError("--no_model needs --compare folders to measure")
-    return datasets, compare, suite, restorer, t_values, options
+    return datasets, compare, suite, restorer, sweep, options
 
 
 def main(argv):
@@ -125,14 +135,17 @@ def main(argv):
     import jsr.eval as ev
 
     try:
-        datasets, compare, suite, restorer, t_values, options = _setup()
+        datasets, compare, suite, restorer, sweep, options = _setup()
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     meta = {name: flags.FLAGS[name].value for name in (
-        "model", "lora", "control_lora", "sem_lora", "method", "prompt", "dtype", "t_scale", "dataset", "compare",
-        "max_images", "lpips", "dists", "fid_inception", "niqe", "pyiqa", "crop_border", "fid_dims", "upscale")}
-    report = ev.evaluate(datasets, _OUT.value, restorer=restorer, suite=suite, t_values=t_values, options=options,
+        "model", "lora", "method", "prompt", "dtype", "dataset", "compare", "max_images", "lpips", "dists",
+        "fid_inception", "niqe", "pyiqa", "crop_border", "fid_dims", "upscale")}
+    meta["knobs"] = {name: flag.value for name, flag in _KNOBS.items() if flag.value is not None}
+    report = ev.evaluate(datasets, _OUT.value, restorer=restorer, suite=suite,
+                         t_values=None if sweep is None else sweep[1], sweep_knob="t" if sweep is None else sweep[0],
+                         options=options,
                          label=_LABEL.value, compare=compare, upscale=_UPSCALE.value, save_images=_SAVE_IMAGES.value,
                          num_samples=_SAMPLES.value, sample_crop=_SAMPLE_CROP.value, progress=_PROGRESS.value,
                          meta=meta)

@@ -2,7 +2,7 @@
 
 The base is a random SD folder of the chosen architecture (``jsr.weights.tiny.write_tiny_sd``; full SD-2.1-base by
 default) with random stand-in teachers, LPIPS trunk and stage-1 model, so nothing needs downloading. Each step is
-the jitted train step the loop runs (``jsr.train.step.make_train_step`` over ``jsr.train.methods.build``), on one
+the jitted train step the loop runs (``jsr.train.step.make_train_step`` over ``jsr.methods.get(name).setup``), on one
 device, after a warm-up call that compiles it.
 
     python benchmarks/train_step.py                                  # SD-2.1-base, 512 crops, bf16, every method
@@ -38,8 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives a
 METHODS = {
     "osediff": ("osediff", None, 0),
     "fidelity": ("fidelity", None, 0),
-    "pisa-pix": ("pisa", None, 0),
-    "pisa-sem": ("pisa", None, 1),
+    "pisa-pix": ("pisasr", None, 0),
+    "pisa-sem": ("pisasr", None, 1),
     "ctsr1": ("ctsr", "stage1", 0),
     "ctsr2": ("ctsr", "stage2", 0),
 }
@@ -122,11 +122,11 @@ def _flops(compiled) -> float:
 
 def bench_method(key: str, args, base, model_dir: Path, stage1_dir: Path) -> dict:
     """Compile and time one method's train step; returns the JSON row."""
-    from jsr.train import methods
+    from jsr.train.loop import build
     from jsr.train.step import init_state, make_train_step
 
     config = _config(key, args, model_dir, stage1_dir)
-    setup = methods.build(config, base, jax.random.key(1))
+    _, setup = build(config, base, jax.random.key(1))
     phase = METHODS[key][2]
     updates = setup.phases[phase][1]
     state = init_state(setup.params, setup.all_updates, 0)

@@ -5,15 +5,18 @@ Override anything on the command line: ``--config.optim.lr=1e-4 --config.data.pa
 
 import ml_collections
 
+import jsr.methods
 from jsr.data import pipeline
+from jsr.train.sharding import DEFAULT_RULES
 from jsr.sr.prompts import DEFAULT_NEGATIVE_PROMPT
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """Defaults shared by all methods; ``arg`` is unused here (method configs parse their own)."""
-    del arg
+def get_config(method: str = "osediff") -> ml_collections.ConfigDict:
+    """Defaults shared by all methods plus ``method``'s own section (``c.<method>``, from
+    ``jsr.methods.get(method).config()``)."""
     c = ml_collections.ConfigDict()
-    c.method = "osediff"
+    m = jsr.methods.get(method)
+    c.method = m.name
     c.seed = 0
     c.total_steps = 20_000
     c.multihost = ml_collections.config_dict.placeholder(bool)  # None: decide from the environment
@@ -37,7 +40,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data = pipeline.default_config()
     c.data.batch_size = 16
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=-1))  # -1: every device
+    # -1: every device. rules: logical axis -> mesh axis (MaxText style), e.g.
+    # --config.mesh.rules="(('batch', 'fsdp'), ('embed', None), ...)" to keep the base unsharded.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, num_devices=-1, rules=DEFAULT_RULES))
     c.shard_frozen = True  # FSDP-shard the frozen base over the mesh's fsdp axis (rules in jsr.train.sharding)
 
     c.checkpoint = ml_collections.ConfigDict(dict(every=1000, keep=3, async_save=True))
@@ -45,12 +50,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                                            profile_steps=5))
     c.max_nonfinite = 20  # consecutive steps with a non-finite update before the run stops
 
-    # Method-specific sections (read only by their method).
-    c.pisa = ml_collections.ConfigDict(dict(pixel_steps=4000))
-    c.ctsr = ml_collections.ConfigDict(dict(stage=1, realism="", fidelity="", stage1="", g_time=5.5,
-                                            fl_weight=2.0, rn_weight=1.0, t_min=20, t_max=980, t_scale=999.0))
-    # Test hooks: NaN batches at these steps; a simulated kill / SIGTERM after a step (-1: off).
-    c.debug = ml_collections.ConfigDict(dict(nan_steps=(), crash_after_step=-1, sigterm_at_step=-1))
+    # The method's own section (read only by the method).
+    section = m.config()
+    if len(section):
+        c[m.name] = section
+    # Fault injection for the robustness tests: NaN batches at these steps; a simulated kill after a step (-1: off).
+    c.debug = ml_collections.ConfigDict(dict(nan_steps=(), crash_after_step=-1))
     return c
 
 
@@ -74,5 +79,6 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.log.every = 1
     c.log.image_every = 3
     c.log.images = 2
-    c.pisa.pixel_steps = 3
+    if "pisasr" in c:
+        c.pisasr.pixel_steps = 3
     return c

@@ -15,8 +15,7 @@ def get_config(arg: str | None = None):
     stage, _, variant = arg.partition("-")
     if stage not in ("stage1", "stage2") or variant not in ("", "tiny"):
         raise ValueError(f"configs/ctsr.py: unknown variant {arg!r} (want stage1, stage2, stage1-tiny, stage2-tiny)")
-    c = base.get_config()
-    c.method = "ctsr"
+    c = base.get_config("ctsr")
     c.ctsr.stage = 1 if stage == "stage1" else 2
     c.total_steps = 20_000
     c.optim.lr = 5e-5

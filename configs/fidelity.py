@@ -5,8 +5,7 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
-    c = base.get_config()
-    c.method = "fidelity"
+    c = base.get_config("fidelity")
     c.total_steps = 20_000
     c.loss.vsd = 0.0
     c.loss.lpips = 1.0  # L2-heavy: fidelity over perceptual sharpness

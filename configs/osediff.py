@@ -4,8 +4,7 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
-    c = base.get_config()
-    c.method = "osediff"
+    c = base.get_config("osediff")
     c.total_steps = 100_000  # OSEDiff trains with batch 16 (4 GPUs x 4), lr 5e-5, AdamW
     c.optim.lr = 5e-5
     if arg == "tiny":

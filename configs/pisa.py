@@ -1,17 +1,3 @@
-"""PiSA-SR (Sun et al. 2025): pixel LoRA (l2) then semantic LoRA (l2 + LPIPS + CSD), residual at t = 1.
-``configs/pisa.py`` or ``:tiny``."""
+"""Old name of ``configs/pisasr.py`` (the method is ``pisasr`` everywhere now); kept so old commands run."""
 
-from configs import base
-
-
-def get_config(arg: str | None = None):
-    c = base.get_config()
-    c.method = "pisa"
-    c.total_steps = 8_000
-    c.pisa.pixel_steps = 4_000
-    c.data.degradation = __import__("jsr.data", fromlist=["degradation_config"]).degradation_config("pisa")
-    if arg == "tiny":
-        base.tiny(c)
-    elif arg:
-        raise ValueError(f"configs/pisa.py: unknown variant {arg!r} (want '' or 'tiny')")
-    return c
+from configs.pisasr import get_config  # noqa: F401

@@ -1,6 +1,11 @@
 """``python -m jsr.infer``: restore image files, folders or globs with a one-step SR model.
 
-    python -m jsr.infer photo.jpg --model sd21-base/ --lora export/student --control-lora export/control --t 0.3
+    python -m jsr.infer photo.jpg --model sd21-base/ --lora ctsr2/export --t 0.3
+    python -m jsr.infer lq/ --model sd21-base/ --lora export/student --lora control=ctsr2/export/control --t 0.3
+
+The method and its knobs come from the registry (:mod:`jsr.methods`): every knob of every registered method is a
+flag ``--<knob>`` (``--t``, ``--lambda_pix``...; one spelling, underscores, in every jsr command line), and a
+knob the model does not honour is refused.
 
 Files: a folder contributes its image files (by extension, not recursive); a glob its matches; a file is taken
 as given. Each LQ is upscaled (bicubic, ``--upscale 4``) and restored by :class:`jsr.sr.infer.Restorer` (any
@@ -24,8 +29,10 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+import jsr.methods
+from jsr.methods.restorer import check_options, knob_overrides, load_restorer
 from jsr.sr import colorfix
-from jsr.sr.infer import METHODS, Restorer, RestoreOptions, check_options, load_restorer, upscale_bicubic
+from jsr.sr.infer import Restorer, RestoreOptions, upscale_bicubic
 
 # Files are read and written by jsr.data.images (one reader for inference, training data and metrics); its names
 # stay importable from here.
@@ -200,52 +207,63 @@ def restore(inputs: Sequence[str | os.PathLike], restorer: Restorer, opts: Resto
 # Command line
 
 
+def add_knob_flags(p: argparse.ArgumentParser) -> None:
+    """One ``--<knob>`` flag per knob of every registered method (default ``None``: the model's own value)."""
+    by_method: dict[str, list] = {}
+    for knob in jsr.methods.all_knobs().values():
+        owners = [n for n in jsr.methods.names() if knob.name in jsr.methods.get(n).knob_names()]
+        by_method.setdefault(", ".join(owners), []).append(knob)
+    for owners, knobs in by_method.items():
+        g = p.add_argument_group(f"knobs ({owners})")
+        for k in knobs:
+            names = [f"--{k.name}"] + ([f"--{k.name.replace('_', '-')}"] if "_" in k.name else [])
+            g.add_argument(*names, dest=f"knob_{k.name}", default=None, metavar=k.type.__name__.upper(),
+                           help=k.describe())
+
+
+def knob_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The knob flags that were given, parsed and range-checked (:func:`add_knob_flags`)."""
+    return knob_overrides({k[len("knob_"):]: v for k, v in vars(args).items() if k.startswith("knob_")})
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m jsr.infer`` argument parser."""
     p = argparse.ArgumentParser(
         prog="python -m jsr.infer",
-        description="Restore images with a one-step diffusion SR model (OSEDiff, PiSA-SR or CTSR with its control "
-                    "t). Inputs: files, folders or globs; any size.")
+        description="Restore images with a one-step diffusion SR model (any registered method: "
+                    f"{', '.join(jsr.methods.names())}). Inputs: files, folders or globs; any size.")
     p.add_argument("inputs", nargs="+", help="image files, folders (their images) or glob patterns")
     g = p.add_argument_group("model")
     g.add_argument("--model", required=True, help="base SD folder (diffusers layout: unet/ vae/ text_encoder/ "
                                                   "tokenizer/ scheduler/), or 'tiny' for the embedded tiny random "
                                                   "model (a smoke test, no real restoration)")
-    g.add_argument("--lora", action="append", default=[],
-                   help="LoRA file or folder (repeatable): peft/diffusers safetensors, an OSEDiff/PiSA-SR .pkl, or a "
-                        "jsr training export <workdir>/export/<group> (unet/, vae/); for CTSR the stage-1 student")
-    g.add_argument("--control-lora", help="CTSR's stage-2 control LoRA, e.g. <workdir>/export/control (enables --t)")
-    g.add_argument("--sem-lora", help="PiSA-SR's semantic LoRA when --lora holds only the pixel one")
-    g.add_argument("--method", choices=METHODS, default="auto",
-                   help="auto: ctsr with --control-lora, pisasr with pixel+semantic LoRAs, else osediff")
+    g.add_argument("--lora", action="append", default=[], metavar="[ROLE=]PATH",
+                   help="model files (repeatable): a jsr export (<workdir>/export or one group of it: its manifest "
+                        "names the method), a release file (OSEDiff/PiSA-SR .pkl...), or a peft/diffusers LoRA. "
+                        "ROLE=PATH gives a tree its role, e.g. control=ctsr2/export/control, sem=pisa_sem/")
+    g.add_argument("--method", choices=("auto",) + jsr.methods.names(), default="auto",
+                   help="auto: from the files' manifests or formats, else the method whose roles fit the files")
     g.add_argument("--prompt", default="", help="text prompt for the UNet's cross-attention (default: empty)")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                    help="parameter/compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     g.add_argument("--attention", default="auto", help="attention implementation (jsr.models.attention)")
-    g = p.add_argument_group("control")
-    g.add_argument("--t", type=float, default=0.0,
-                   help="CTSR control in [0, 1]: 0 = realism (the stage-1 output), 1 = fidelity")
-    g.add_argument("--t-steps", type=int, default=0, help="CTSR: Euler steps along the learned flow (0 = one call)")
-    g.add_argument("--t-scale", type=float, default=999.0,
-                   help="CTSR: UNet timestep = t * t-scale; must match the stage-2 training's ctsr.t_scale")
-    g.add_argument("--lambda-pix", type=float, default=1.0, help="PiSA-SR pixel guidance weight")
-    g.add_argument("--lambda-sem", type=float, default=1.0, help="PiSA-SR semantic guidance weight")
+    add_knob_flags(p)
     g = p.add_argument_group("processing")
     g.add_argument("--upscale", type=float, default=4.0, help="output size / input size (bicubic pre-upscale)")
-    g.add_argument("--color-fix", choices=colorfix.METHODS, default="adain")
-    g.add_argument("--latent-tile", type=int, default=96, help="UNet tile size in latent pixels (x8 in the image)")
-    g.add_argument("--latent-overlap", type=int, default=32, help="UNet tile overlap in latent pixels")
-    g.add_argument("--vae-tile", type=int, default=1024, help="VAE tile size in output pixels (0: never tile)")
-    g.add_argument("--vae-overlap", type=int, default=RestoreOptions.vae_overlap,
+    g.add_argument("--color_fix", "--color-fix", choices=colorfix.METHODS, default="adain")
+    g.add_argument("--latent_tile", "--latent-tile", type=int, default=96, help="UNet tile size in latent pixels (x8 in the image)")
+    g.add_argument("--latent_overlap", "--latent-overlap", type=int, default=32, help="UNet tile overlap in latent pixels")
+    g.add_argument("--vae_tile", "--vae-tile", type=int, default=1024, help="VAE tile size in output pixels (0: never tile)")
+    g.add_argument("--vae_overlap", "--vae-overlap", type=int, default=RestoreOptions.vae_overlap,
                    help="VAE tile overlap in output pixels (half of it is each tile's context)")
-    g.add_argument("--tiles-per-call", type=int, default=1, help="tiles batched per UNet/VAE call")
-    g.add_argument("--batch-size", type=int, default=1, help="same-size images restored together")
+    g.add_argument("--tiles_per_call", "--tiles-per-call", type=int, default=1, help="tiles batched per UNet/VAE call")
+    g.add_argument("--batch_size", "--batch-size", type=int, default=1, help="same-size images restored together")
     g = p.add_argument_group("output")
     g.add_argument("--output", "-o", help="output folder (default: next to each input)")
     g.add_argument("--suffix", default="_sr", help="appended to each output's file stem (default _sr)")
     g.add_argument("--ext", default="png", choices=("png", "jpg", "webp", "bmp", "tif"), help="output format")
-    g.add_argument("--skip-existing", action="store_true", help="leave inputs whose output exists alone")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g.add_argument("--skip_existing", "--skip-existing", action="store_true", help="leave inputs whose output exists alone")
+    g.add_argument("--no_progress", "--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -254,14 +272,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     skipped (each is listed on stderr), 2 when the model could not be loaded or the arguments are invalid."""
     args = build_parser().parse_args(argv)
     try:
-        opts = RestoreOptions(t=args.t, t_steps=args.t_steps, lambda_pix=args.lambda_pix,
-                              lambda_sem=args.lambda_sem, color_fix=args.color_fix, latent_tile=args.latent_tile,
+        opts = RestoreOptions(knobs=knob_flags(args), color_fix=args.color_fix, latent_tile=args.latent_tile,
                               latent_overlap=args.latent_overlap, vae_tile=args.vae_tile,
                               vae_overlap=args.vae_overlap, tiles_per_call=args.tiles_per_call)
         if args.upscale <= 0:
             raise ValueError(f"--upscale must be positive, got {args.upscale}")
-        restorer = load_restorer(args.model, args.lora, control_lora=args.control_lora, sem_lora=args.sem_lora,
-                                 method=args.method, dtype=args.dtype, prompt=args.prompt, t_scale=args.t_scale,
+        restorer = load_restorer(args.model, args.lora, method=args.method, dtype=args.dtype, prompt=args.prompt,
                                  attention_impl=args.attention)
         check_options(restorer, opts)
     except (ValueError, FileNotFoundError, OSError) as e:

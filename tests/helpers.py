@@ -55,5 +55,6 @@ def standin_restorer(seed: int = 0, method: str = "standin"):
     def decode(z):
         return jnp.repeat(jnp.repeat(jnp.tanh(z @ wd), 8, axis=1), 8, axis=2)
 
-    return infer.Restorer(encode, lambda z, opts: latent_t(z, jnp.float32(opts.t)), decode, method=method,
+    return infer.Restorer(encode, lambda z, opts: latent_t(z, jnp.float32(opts.knobs.get("t", 0.0))), decode,
+                          method=method, label={"ctsr": "CTSR"}.get(method, method),
                           knobs=("t",))

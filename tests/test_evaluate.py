@@ -172,11 +172,11 @@ def test_evaluate_degraded_set_with_compare_folder(tmp_path):
     with pytest.raises(ValueError, match="ignores t"):
         ev.evaluate([ds], out, restorer=infer.Restorer(*(lambda x: x,) * 3, knobs=()), suite=ev.MetricSuite(),
                     t_values=[0.5], progress=False)
-    with pytest.raises(ValueError, match=r"ignores t, t_steps \(its controls: none\); t and t_steps need a CTSR "
+    with pytest.raises(ValueError, match=r"ignores t, t_steps \(its knobs: none\); t and t_steps need a CTSR "
                                          r"control LoRA \(stage 2\)$"):
         ev.evaluate([ds], out, restorer=infer.Restorer(*(lambda x: x,) * 3, knobs=()), suite=ev.MetricSuite(),
-                    t_values=[0.5], options=infer.RestoreOptions(t_steps=2), progress=False)
-    with pytest.raises(ValueError, match="control t must be in"):
+                    t_values=[0.5], options=infer.RestoreOptions(knobs={"t_steps": 2}), progress=False)
+    with pytest.raises(ValueError, match=r"t must be in \[0, 1\], got 1.5"):
         ev.evaluate([ds], out, restorer=standin_restorer(method="ctsr"), suite=ev.MetricSuite(), t_values=[1.5], progress=False)
     (base / "q.png").unlink()
     with pytest.raises(ValueError, match="1 of 3 images of Syn have no SR file.*q"):
@@ -257,7 +257,7 @@ def test_evaluate_py_end_to_end(tmp_path, tiny_env):
     loras = _lora_files(tmp_path / "loras")
     out = tmp_path / "out"
     cmd = [sys.executable, "evaluate.py", "--model=", f"--lora={loras['stage1']}",
-           f"--control_lora={loras['control']}", "--t=0,1", f"--dataset=Tiny:lq={lq_dir},hq={hq_dir}",
+           f"--lora=control={loras['control']}", "--t=0,1", f"--dataset=Tiny:lq={lq_dir},hq={hq_dir}",
            f"--lpips={w / 'lpips.safetensors'}", f"--dists={w / 'dists.safetensors'}",
            f"--fid_inception={w / 'inception.safetensors'}", f"--niqe={w / 'niqe.npz'}", "--pyiqa=none",
            "--fid_batch=2", "--fid_dims=64", f"--out={out}", "--noprogress"]
@@ -329,12 +329,12 @@ def test_evaluate_py_end_to_end(tmp_path, tiny_env):
 
 def test_evaluate_py_refuses_controls_the_model_ignores(tmp_path, tiny_env):
     """The message evaluate.py users see for a control the model ignores names the control and what it needs, not
-    another command line's flag (jsr.infer spells it --control-lora, evaluate.py --control_lora); --t_steps alone
+    another command line's flag; --t_steps alone
     (no --t) is refused the same way, as an error before any image is restored, not a traceback."""
     lq, hq = _pairs(tmp_path / "p", [("a", 4, 4)])
-    for arg, msg in (("--t=0.5", "error: osediff model ignores t (its controls: none); t needs a CTSR control LoRA "
+    for arg, msg in (("--t=0.5", "error: osediff model ignores t (its knobs: none); t needs a CTSR control LoRA "
                                  "(stage 2)\n"),
-                     ("--t_steps=2", "error: osediff model ignores t_steps (its controls: none); t_steps needs a "
+                     ("--t_steps=2", "error: osediff model ignores t_steps (its knobs: none); t_steps needs a "
                                      "CTSR control LoRA (stage 2)\n")):
         proc = subprocess.run([sys.executable, "evaluate.py", "--model=", f"--dataset=X:lq={lq},hq={hq}", arg,
                                f"--out={tmp_path / 'o'}", "--pyiqa=none", "--noprogress"], cwd=REPO, env=tiny_env,

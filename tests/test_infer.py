@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from jsr import infer as cli
+from jsr.methods.restorer import load_restorer
 from jsr.sr import infer
 from jsr.sr.base import load_base
 from tests.helpers import standin_restorer
@@ -135,8 +136,6 @@ def test_upscale_bicubic_size_and_range():
 def test_options_validate():
     with pytest.raises(ValueError, match="color_fix"):
         infer.RestoreOptions(color_fix="hist")
-    with pytest.raises(ValueError, match="control t"):
-        infer.RestoreOptions(t=1.5)
     with pytest.raises(ValueError, match="latent tile"):
         infer.RestoreOptions(latent_tile=16, latent_overlap=16)
     with pytest.raises(ValueError, match="vae tile"):
@@ -210,28 +209,28 @@ def _lq(seed, h=24, w=32):
 
 def test_ctsr_control_t0_is_stage1_and_t_moves_output(tiny_sd, base):
     _, lo = tiny_sd
-    ctsr = infer.load_restorer(base, [lo["stage1"], lo["vae"]], control_lora=lo["control"])
-    stage1 = infer.load_restorer(base, [lo["stage1"], lo["vae"]])
+    ctsr = load_restorer(base, [lo["stage1"], lo["vae"], f"control={lo['control']}"])
+    stage1 = load_restorer(base, [lo["stage1"], lo["vae"]])
     assert (ctsr.method, stage1.method) == ("ctsr", "osediff")
-    assert ctsr.knobs == ("t", "t_steps") and stage1.knobs == ()
+    assert ctsr.knobs == ("t", "t_steps", "t_scale") and stage1.knobs == ()
     x = _lq(0)
     opts = dict(color_fix="none", vae_tile=0)
-    y0 = ctsr(x, infer.RestoreOptions(t=0.0, **opts))
+    y0 = ctsr(x, infer.RestoreOptions(knobs={"t": 0.0}, **opts))
     assert y0.shape == x.shape and 0 <= y0.min() and y0.max() <= 1
     # z(0) = z0 + 0 * eps_S: the stage-1 output (to f32 rounding: two differently fused XLA programs).
     np.testing.assert_allclose(y0, stage1(x, infer.RestoreOptions(**opts)), atol=1e-5)
-    assert np.abs(ctsr(x, infer.RestoreOptions(t=0.7, **opts)) - y0).mean() > 1e-3
+    assert np.abs(ctsr(x, infer.RestoreOptions(knobs={"t": 0.7}, **opts)) - y0).mean() > 1e-3
     with pytest.raises(ValueError, match="ignores t"):
-        cli.restore([], stage1, infer.RestoreOptions(t=0.5))
+        cli.restore([], stage1, infer.RestoreOptions(knobs={"t": 0.5}))
 
 
 def test_lora_roles_and_methods(tiny_sd, base):
     _, lo = tiny_sd
-    with pytest.raises(ValueError, match="two LoRAs for the unet role"):
-        infer.load_restorer(base, [lo["stage1"], lo["control"]])
+    with pytest.raises(ValueError, match="two trees for the unet role"):
+        load_restorer(base, [lo["stage1"], lo["control"]])
     with pytest.raises(ValueError, match="does not use the control"):
-        infer.load_restorer(base, [lo["stage1"]], control_lora=lo["control"], method="osediff")
-    pisa = infer.load_restorer(base, [lo["stage1"]], sem_lora=lo["control"])
+        load_restorer(base, [lo["stage1"], f"control={lo['control']}"], method="osediff")
+    pisa = load_restorer(base, [lo["stage1"], f"sem={lo['control']}"])
     assert pisa.method == "pisasr" and pisa.knobs == ("lambda_pix", "lambda_sem")
 
 
@@ -251,7 +250,7 @@ def test_real_model_tiled_vs_untiled(tiny_sd, base):
     A tile as large as the image is the untiled program, bit for bit.
     """
     _, lo = tiny_sd
-    r = infer.load_restorer(base, [lo["stage1"], lo["vae"]])
+    r = load_restorer(base, [lo["stage1"], lo["vae"]])
     x = _lq(0)
     whole = r(x, infer.RestoreOptions(color_fix="none", vae_tile=0))
     np.testing.assert_array_equal(
@@ -282,7 +281,7 @@ def test_cli_end_to_end(tiny_sd, tmp_path, capsys):
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
     before = {p.name: p.read_bytes() for p in src.iterdir()}
     argv = [str(src), "--model", str(model), "--lora", str(lo["stage1"]), "--lora", str(lo["vae"]),
-            "--control-lora", str(lo["control"]), "--t", "0.4", "--output", str(tmp_path / "out"),
+            "--lora", f"control={lo['control']}", "--t", "0.4", "--output", str(tmp_path / "out"),
             "--batch-size", "2", "--color-fix", "wavelet", "--latent-tile", "8", "--latent-overlap", "2",
             "--no-progress"]
     assert cli.main(argv) == 1  # the broken file fails; the rest completes
@@ -300,7 +299,7 @@ def test_cli_exit_codes(tiny_sd, base, tmp_path, monkeypatch, capsys):
     """0 when all inputs succeed (outputs next to them), 2 for a control the model ignores (before any work).
     The model comes from the shared base (load_restorer patched) to save a reload."""
     _, lo = tiny_sd
-    stage1 = infer.load_restorer(base, [lo["stage1"], lo["vae"]])
+    stage1 = load_restorer(base, [lo["stage1"], lo["vae"]])
     monkeypatch.setattr(cli, "load_restorer", lambda *a, **k: stage1)
     src = _save(tmp_path / "one.png", 24, 32)  # the size test_ctsr_... compiled for this base: no recompile
     assert cli.main([str(src), "--model", "unused", "--no-progress"]) == 0

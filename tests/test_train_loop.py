@@ -4,7 +4,9 @@ kill-and-resume, SIGTERM checkpointing, non-finite steps caught, and the sharded
 Every run compiles a UNet forward+backward, so the runs share JAX's persistent compilation cache
 (``JAX_COMPILATION_CACHE_DIR``, set per test session in conftest.py) and use few steps.
 """
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import ctsr, fidelity, osediff, pisa
+from configs import ctsr, fidelity, osediff, pisasr
 from jsr.train import loop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +29,7 @@ def _config(name="osediff", **over):
     # the 2x2x2-mesh test run the fidelity step (one UNet LoRA update: what the sharding rules act on); OSEDiff
     # (two updates per step: the generator with VSD, then the fake score on the carried latent) runs in its own
     # test.
-    c = {"fidelity": fidelity, "osediff": osediff, "pisa": pisa}[name].get_config("tiny")
+    c = {"fidelity": fidelity, "osediff": osediff, "pisasr": pisasr}[name].get_config("tiny")
     c.loss.lpips = 0.0
     c.total_steps = 4
     c.checkpoint.every = 2
@@ -42,6 +44,32 @@ def _config(name="osediff", **over):
     return c
 
 
+@contextlib.contextmanager
+def _sigterm_while_fetching_batch(index: int):
+    """Deliver a real SIGTERM to this process when the loop fetches batch ``index`` (as a preempted VM would
+    mid-step); the loop must finish that step, checkpoint and exit."""
+    real = loop.make_iterator
+
+    class Signalling:
+        def __init__(self, it):
+            self.it, self.n = it, 0
+
+        def __next__(self):
+            if self.n == index:
+                os.kill(os.getpid(), signal.SIGTERM)
+            self.n += 1
+            return next(self.it)
+
+        def __getattr__(self, name):
+            return getattr(self.it, name)
+
+    loop.make_iterator = lambda cfg: Signalling(real(cfg))
+    try:
+        yield
+    finally:
+        loop.make_iterator = real
+
+
 def _params(summary):
     return jax.tree.map(np.asarray, jax.device_get(summary["state"].params))
 
@@ -52,7 +80,8 @@ def test_kill_and_resume_gives_the_uninterrupted_parameters(tmp_path):
     assert np.isfinite(ref["metrics"]["gen/loss"]) and ref["metrics"]["gen/rec_l2"] > 0
 
     run = tmp_path / "run"
-    pre = loop.train(_config("fidelity", **{"debug.sigterm_at_step": 1}), run)  # SIGTERM -> save at the step boundary
+    with _sigterm_while_fetching_batch(0):  # a real SIGTERM during step 0 -> saved at the step boundary
+        pre = loop.train(_config("fidelity"), run)
     assert pre["status"] == "preempted" and pre["step"] == 1
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [1]
     with pytest.raises(SystemExit, match="simulated crash"):
@@ -74,12 +103,12 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
 
 def test_sharded_step_equals_single_device_step():
     from jsr.sr.base import load_base
-    from jsr.train import methods, sharding
+    from jsr.train import sharding
     from jsr.train.step import init_state, make_train_step
 
     c = _config("fidelity")
     base = load_base("", dtype=jnp.float32)
-    setup = methods.build(c, base, jax.random.key(1))
+    _, setup = loop.build(c, base, jax.random.key(1))
     state = init_state(setup.params, setup.all_updates, 0)
     rng = np.random.default_rng(0)
     batch = {"hq": rng.uniform(size=(8, 64, 64, 3)).astype(np.float32),
@@ -130,10 +159,9 @@ def _changed(before, after) -> bool:
 
 def test_osediff_trains_generator_and_fake_score(tmp_path):
     from jsr.sr.base import load_base
-    from jsr.train import methods
 
     c = _config("osediff", total_steps=1)
-    init = methods.build(c, load_base(""), jax.random.fold_in(jax.random.key(c.seed), 1)).params
+    init = loop.build(c, load_base(""), jax.random.fold_in(jax.random.key(c.seed), 1))[1].params
     out = loop.train(c, tmp_path)
     m = out["metrics"]
     for k in ("gen/rec_l2", "gen/vsd", "fake/fake_score"):  # both updates of the step ran, VSD included
@@ -145,7 +173,7 @@ def test_osediff_trains_generator_and_fake_score(tmp_path):
 
 
 def test_pisa_switches_from_pixel_to_semantic_phase(tmp_path):
-    out = loop.train(_config("pisa", total_steps=2, **{"pisa.pixel_steps": 1}), tmp_path)
+    out = loop.train(_config("pisasr", total_steps=2, **{"pisasr.pixel_steps": 1}), tmp_path)
     m = out["metrics"]  # step 2 is the semantic phase: l2 + CSD on the sem LoRA, the pixel LoRA frozen
     assert np.isfinite(m["sem/csd"]) and m["sem/csd"] != 0.0 and "pix/loss" not in m
     for group in ("pix", "sem"):
@@ -161,7 +189,6 @@ def test_real_base_without_teachers_is_an_error(tmp_path):
     import shutil
 
     from jsr.sr.base import load_base
-    from jsr.train import methods
 
     tiny = load_base("").path
     real = tmp_path / "sd"
@@ -174,10 +201,10 @@ def test_real_base_without_teachers_is_an_error(tmp_path):
     c = ctsr.get_config("stage1-tiny")
     c.loss.lpips = 0.0  # else the missing LPIPS weights are reported first
     with pytest.raises(ValueError, match="realism teacher LoRA"):
-        methods.build(c, base, jax.random.key(0))
+        loop.build(c, base, jax.random.key(0))
     c = fidelity.get_config("tiny")
     with pytest.raises(ValueError, match="needs LPIPS weights"):
-        methods.build(c, base, jax.random.key(0))
+        loop.build(c, base, jax.random.key(0))
 
 
 def test_config_variants_and_errors():

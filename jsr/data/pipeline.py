@@ -81,6 +81,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.synthetic_seed = 0
     c.prompt = "empty"
     c.prompt_text = ""
+    # Share of a batch's prompts replaced by "" (PiSA-SR/FiDeSR train with 0.5); applied by the training loop.
+    c.null_prompt_ratio = 0.0
     c.crop_size = 512
     c.small_images = "pad"
     c.hflip = True

@@ -48,7 +48,7 @@ from jsr.eval.datasets import (DATASET_HELP, DatasetSpec, EvalDataset, EvalImage
                                parse_compare, parse_dataset)
 from jsr.eval.outputs import load_report, write_outputs
 from jsr.eval.plots import plot_fidelity_realism, sample_grid
-from jsr.eval.run import METHOD_LABELS, evaluate
+from jsr.eval.run import evaluate
 from jsr.eval.suite import PYIQA_METRICS, MetricSuite, load_metrics
 from jsr.eval.tables import csv_table, markdown_tables
 
@@ -58,7 +58,7 @@ __all__ = [
     "parse_dataset",
     "load_report", "write_outputs",
     "plot_fidelity_realism", "sample_grid",
-    "METHOD_LABELS", "evaluate",
+    "evaluate",
     "PYIQA_METRICS", "MetricSuite", "load_metrics",
     "csv_table", "markdown_tables",
 ]

@@ -88,7 +88,7 @@ def plot_fidelity_realism(report: Mapping, path: str | os.PathLike) -> list[str]
             sweep = [r for r in mine if r["t"] is not None]
             if sweep:
                 ax.plot([r[x] for r in sweep], [r["psnr"] for r in sweep], "o-", color=colour,
-                        label=f"{ds}: {sweep[0]['method']} (t)")
+                        label=f"{ds}: {sweep[0]['method']} ({report['model'].get('sweep') or 't'})")
                 for r in sweep:
                     ax.annotate(t_label(r["t"]), (r[x], r["psnr"]), textcoords="offset points", xytext=(4, 4),
                                 fontsize=8, color=colour)

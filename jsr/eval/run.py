@@ -22,9 +22,8 @@ from jsr.eval.columns import COLUMNS, t_label
 from jsr.eval.datasets import EvalDataset, EvalImage, SRFolder, check_inputs
 from jsr.eval.plots import sample_grid
 from jsr.eval.suite import MetricSuite, fid_from_features
-from jsr.sr.infer import Restorer, RestoreOptions, check_options, upscale_bicubic
-
-METHOD_LABELS = {"ctsr": "CTSR", "osediff": "OSEDiff", "pisasr": "PiSA-SR"}
+from jsr.methods.restorer import check_options
+from jsr.sr.infer import Restorer, RestoreOptions, upscale_bicubic
 
 
 def _slug(text: str) -> str:
@@ -44,9 +43,9 @@ class _Entry:
     """One table row in the making: a method (the model at one ``t``, or a folder of SR images) on one dataset."""
 
     def __init__(self, method: str, t: float | None, folder: SRFolder | None, opts: RestoreOptions | None,
-                 out: Path | None, suite: MetricSuite):
+                 out: Path | None, suite: MetricSuite, knob: str = "t"):
         self.method, self.t, self.folder, self.opts, self.out = method, t, folder, opts, out
-        self.label = method if t is None else f"{method} (t={t_label(t)})"
+        self.label = method if t is None else f"{method} ({knob}={t_label(t)})"
         self.images: list[dict] = []
         self.feats = suite.feature_buffer()
 
@@ -120,7 +119,7 @@ def _summary(dataset: str, e: _Entry, keys: Sequence[str], real: np.ndarray | No
 
 
 def evaluate(datasets: Sequence[EvalDataset], out_dir: str | os.PathLike, *, restorer: Restorer | None,
-             suite: MetricSuite, t_values: Sequence[float] | None = None,
+             suite: MetricSuite, t_values: Sequence[float] | None = None, sweep_knob: str = "t",
              options: RestoreOptions = RestoreOptions(), label: str | None = None,
              compare: Sequence[tuple[str, str]] = (), upscale: float = 4.0, save_images: bool = True,
              num_samples: int = 4, sample_crop: int = 256, progress: bool = True,
@@ -136,10 +135,13 @@ def evaluate(datasets: Sequence[EvalDataset], out_dir: str | os.PathLike, *, res
         for HQ-only sets) and sample grids (``samples_<dataset>.png``) go.
       restorer: the model (``None``: only ``compare`` folders are measured).
       suite: the metrics (:func:`jsr.eval.load_metrics`).
-      t_values: control values swept (CTSR); ``None`` = one run at ``options.t`` with no t in the rows (other
-        methods). Every value must be a control the restorer honours (:func:`jsr.sr.infer.check_options`).
-      options: restoration options (tiling, colour fix...); ``t`` is replaced by each swept value.
-      label: the model's name in the tables (default from its method: ``CTSR``, ``OSEDiff``, ``PiSA-SR``).
+      t_values: values of the knob ``sweep_knob`` swept (CTSR's ``t`` by default); ``None`` = one run at
+        ``options`` with no swept value in the rows. Each value must be one the restorer honours
+        (:func:`jsr.methods.restorer.check_options`). The rows' ``t`` field holds the swept value, whatever the
+        knob; ``report["model"]["sweep"]`` names the knob.
+      sweep_knob: the knob swept (any method's knob: ``t``, ``lambda_sem``...).
+      options: restoration options (tiling, colour fix, knobs); the swept knob is replaced by each value.
+      label: the model's name in the tables (default: the restorer's label, its method's table name).
       compare: ``(label, folder)`` pairs of other methods' SR images (``{dataset}`` in the folder is replaced),
         matched to the dataset's keys or LQ file names; listed before the model, as the paper lists baselines.
       upscale: output size / LQ size; every HQ must be the upscaled LQ's size.
@@ -158,15 +160,15 @@ def evaluate(datasets: Sequence[EvalDataset], out_dir: str | os.PathLike, *, res
     out = Path(out_dir)
     if restorer is None and not compare:
         raise ValueError("nothing to evaluate: give a restorer and/or compare folders")
-    model_label = label or (METHOD_LABELS.get(restorer.method, restorer.method) if restorer else "")
+    model_label = label or ((restorer.label or restorer.method) if restorer else "")
     runs: list[tuple[float | None, RestoreOptions]] = []
     if restorer is not None:
         sweep = [None] if t_values is None else list(dict.fromkeys(float(t) for t in t_values))
         if not sweep:
             raise ValueError("t_values is empty")
         for t in sweep:
-            opts = options if t is None else dataclasses.replace(options, t=t)  # validates 0 <= t <= 1
-            check_options(restorer, opts)
+            opts = options if t is None else options.with_knobs(**{sweep_knob: t})
+            check_options(restorer, opts)  # the range and that the restorer honours the knob
             runs.append((t, opts))
     labels = [lab for lab, _ in compare] + ([model_label] if restorer else [])
     if len(set(labels)) != len(labels):
@@ -183,8 +185,8 @@ def evaluate(datasets: Sequence[EvalDataset], out_dir: str | os.PathLike, *, res
         ds_dir = out / _slug(ds.name)
         entries = [_Entry(f.label, None, f, None, None, suite) for f in matched[ds.name]]
         for t, opts in runs:
-            sub = ds_dir / _slug(model_label) / ("" if t is None else f"t{t_label(t)}")
-            entries.append(_Entry(model_label, t, None, opts, sub if save_images else None, suite))
+            sub = ds_dir / _slug(model_label) / ("" if t is None else f"{sweep_knob}{t_label(t)}")
+            entries.append(_Entry(model_label, t, None, opts, sub if save_images else None, suite, sweep_knob))
         hq_feats = suite.feature_buffer()
         samples: list[tuple[str, list[np.ndarray]]] = []
         for i in tqdm(range(len(ds)), desc=ds.name, unit="img", disable=not progress, file=sys.stderr):
@@ -220,6 +222,7 @@ def evaluate(datasets: Sequence[EvalDataset], out_dir: str | os.PathLike, *, res
         "datasets": [{"name": d.name, "images": len(d), **dataclasses.asdict(d.spec)} for d in datasets],
         "model": {"label": model_label, "method": restorer.method if restorer else None,
                   "t_values": None if t_values is None else [t for t, _ in runs],
+                  "sweep": None if t_values is None else sweep_knob,
                   "options": dataclasses.asdict(options)},
         "columns": [c._asdict() | {"header": c.header} for c in COLUMNS if c.key in metric_keys],
         "skipped_metrics": suite.skipped_reasons(),

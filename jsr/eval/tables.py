@@ -61,7 +61,8 @@ def markdown_tables(report: Mapping) -> str:
         if len(sweep) < 2:
             continue
         lines += ["", f"## Control sweep on {ds} (CTSR Table 10 layout, {sweep[0]['method']})", ""]
-        lines.append("| Timestep t | " + " | ".join(c.header for c in cols) + " |")
+        knob = report["model"].get("sweep") or "t"
+        lines.append(f"| {'Timestep t' if knob == 't' else knob} | " + " | ".join(c.header for c in cols) + " |")
         lines.append("|---:|" + "---:|" * len(cols))
         ranks = {c.key: _ranks(sweep, c) for c in cols}
         for i, r in enumerate(sweep):
@@ -87,7 +88,7 @@ def markdown_tables(report: Mapping) -> str:
 
 
 def csv_table(report: Mapping) -> str:
-    """One CSV row per dataset x method x t: ``Datasets, Method, t, N, <metric headers with arrows>,
+    """One CSV row per dataset x method x swept value (column ``t``: the swept knob's value): ``Datasets, Method, t, N, <metric headers with arrows>,
     seconds/image`` (full precision; empty cells for undefined values)."""
     cols = report_columns(report)
     buf = io.StringIO()

@@ -16,7 +16,7 @@ and each network differs only by its :class:`jsr.models.lora.LoRA`):
   converted through the schedule: PiSA-SR trains it as a residual). ``lp = ls = 1`` is one UNet call with both
   LoRAs; other weights take two calls, as PiSA-SR's adjustable inference.
 * **CTSR** (:func:`ctsr_restore`): the stage-1 OSEDiff-form latent ``z0``, moved along the stage-2 flow to
-  the control ``t in [0, 1]`` (``jsr.sr.losses.control_latent``): ``z(t) = z0 + t eps_S(z0, 999 t, c)`` with
+  the control ``t in [0, 1]`` (``control_latent``): ``z(t) = z0 + t eps_S(z0, 999 t, c)`` with
   the student ``S`` = base + stage-1 LoRA + control LoRA. ``t = 0`` returns the stage-1 output exactly; the
   control is the UNet timestep input ``999 t`` (CTSR Sec. 4.4/5.4: realism at step 0, fidelity at step T).
 
@@ -29,17 +29,19 @@ differ).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jsr.models import lora as lora_lib
-from jsr.sr import losses
 from jsr.sr import schedule as sched
 from jsr.sr.schedule import DDPMSchedule
 from jsr.sr.teachers import UNetTeacher
+
+# eps(z_t [B, h, w, 4], t [B] float32, c [B, L, D]) -> eps [B, h, w, 4]: a score network (jsr.sr.teachers).
+EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
 OSEDIFF_TIMESTEP = 999
 PISASR_TIMESTEP = 1
@@ -163,7 +165,7 @@ def ctsr_restore(models: SDModels, unet_params: Any, vae_params: Any, stage1_lor
     """CTSR inference with the fidelity/realism control ``t`` in [0, 1] (scalar or [B]).
 
     ``z0`` = the stage-1 (OSEDiff-form) latent with ``stage1_lora``/``vae_lora``; then
-    ``jsr.sr.losses.control_latent(z0, t, ...)`` with the student :func:`ctsr_student` (UNet timestep
+    ``jsr.sr.control_latent(z0, t, ...)`` with the student :func:`ctsr_student` (UNet timestep
     ``t * t_scale``; ``steps`` as there). ``t = 0`` (or ``control_lora=None`` and ``t = 0``) is exactly the
     stage-1 output. Returns ``(x_SR [B, H, W, 3] in [-1, 1], z [B, h, w, 4])``.
     """
@@ -171,9 +173,49 @@ def ctsr_restore(models: SDModels, unet_params: Any, vae_params: Any, stage1_lor
     c = _prompt(c, z_lq)
     z0 = osediff_latent(models, unet_params, stage1_lora, z_lq, c)
     student = ctsr_student(models, unet_params, stage1_lora, control_lora)
-    z = losses.control_latent(z0, t, c, student_eps=student.eps, t_scale=t_scale, steps=steps)
+    z = control_latent(z0, t, c, student_eps=student.eps, t_scale=t_scale, steps=steps)
     return decode(models, vae_params, z), z
 
 
 def _prompt(c: jax.Array, z: jax.Array) -> jax.Array:
-    return losses.broadcast_prompt(c, z.shape[0])
+    return broadcast_prompt(c, z.shape[0])
+
+
+def broadcast_prompt(c: jax.Array, batch: int) -> jax.Array:
+    """[1, L, D] or [B, L, D] -> [B, L, D]."""
+    if c.shape[0] == batch:
+        return c
+    if c.shape[0] == 1:
+        return jnp.broadcast_to(c, (batch,) + c.shape[1:])
+    raise ValueError(f"prompt embeddings have batch {c.shape[0]}, want 1 or {batch}")
+
+
+def control_timestep(t: jax.Array, t_scale: float = 999.0) -> jax.Array:
+    """CTSR's control ``t in [0, 1]`` -> UNet timestep input ``t * t_scale`` (float).
+
+    The paper: "assuming sampling steps range from 0 to T, the distilled model exhibits better fidelity at step
+    T, better realness at step 0"; so ``t_scale = T = 999`` (the last DDPM step) by default.
+    """
+    return jnp.asarray(t, jnp.float32) * t_scale
+
+
+def control_latent(z0: jax.Array, t: jax.Array, c: jax.Array, *, student_eps: EpsFn, t_scale: float = 999.0,
+                   steps: int = 0) -> jax.Array:
+    """CTSR inference: move the stage-1 latent ``z0`` to control ``t in [0, 1]`` ([B] or scalar).
+
+    ``steps == 0`` (default): the flow point of Eq. 5 with the student in place of the teacher,
+    ``z(t) = z0 + t eps_S(z0, t, c)``: one UNet call whose timestep input is the control (the paper: "the input
+    timesteps t for the diffusion UNet ... act as an adjustable parameter"). ``steps = K >= 1``: K Euler steps
+    of the learned flow (Eq. 7), ``z <- z + Δ eps_S(z, s, c)`` from ``s = 0`` to ``t``. Both return ``z0``
+    exactly at ``t = 0`` (the stage-1 result).
+    """
+    z0 = z0.astype(jnp.float32)
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (z0.shape[0],))
+    tb = t.reshape(-1, 1, 1, 1)
+    if steps == 0:
+        return z0 + tb * student_eps(z0, control_timestep(t, t_scale), c).astype(jnp.float32)
+    z = z0
+    for k in range(steps):
+        s = t * (k / steps)
+        z = z + (tb / steps) * student_eps(z, control_timestep(s, t_scale), c).astype(jnp.float32)
+    return z

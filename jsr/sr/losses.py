@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from jsr.sr import schedule as sched
+from jsr.sr.generator import broadcast_prompt, control_timestep  # noqa: F401 - re-exported (older imports)
 from jsr.sr.schedule import DDPMSchedule
 
 EpsFn = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
@@ -42,15 +43,6 @@ Parts = dict[str, jax.Array]
 
 def _mse(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.mean(jnp.square(a.astype(jnp.float32) - b.astype(jnp.float32)))
-
-
-def broadcast_prompt(c: jax.Array, batch: int) -> jax.Array:
-    """[1, L, D] or [B, L, D] -> [B, L, D]."""
-    if c.shape[0] == batch:
-        return c
-    if c.shape[0] == 1:
-        return jnp.broadcast_to(c, (batch,) + c.shape[1:])
-    raise ValueError(f"prompt embeddings have batch {c.shape[0]}, want 1 or {batch}")
 
 
 def sample_timesteps(rng: jax.Array, batch: int, t_min: int, t_max: int) -> jax.Array:
@@ -250,15 +242,6 @@ def dual_teacher_loss(z0s: jax.Array, z0: jax.Array, c: jax.Array, rng: jax.Arra
                    "rn_student": rn_a, "rn_gt": rn_b}
 
 
-def control_timestep(t: jax.Array, t_scale: float = 999.0) -> jax.Array:
-    """CTSR's control ``t in [0, 1]`` -> UNet timestep input ``t * t_scale`` (float).
-
-    The paper: "assuming sampling steps range from 0 to T, the distilled model exhibits better fidelity at step
-    T, better realness at step 0"; so ``t_scale = T = 999`` (the last DDPM step) by default.
-    """
-    return jnp.asarray(t, jnp.float32) * t_scale
-
-
 def control_loss(z0: jax.Array, c: jax.Array, rng: jax.Array, *, teacher_eps: EpsFn, student_eps: EpsFn,
                  t_scale: float = 999.0, t_pair: tuple[jax.Array, jax.Array] | None = None
                  ) -> tuple[jax.Array, Parts]:
@@ -298,25 +281,3 @@ def control_loss(z0: jax.Array, c: jax.Array, rng: jax.Array, *, teacher_eps: Ep
     residual = tb * e_t - t2b * e_t2 + (t2b - tb) * student_eps(z_t, tt, c).astype(jnp.float32)
     loss = jnp.mean(jnp.square(residual))
     return loss, {"ctrl": loss, "ctrl_t": jnp.mean(t), "ctrl_t2": jnp.mean(t2)}
-
-
-def control_latent(z0: jax.Array, t: jax.Array, c: jax.Array, *, student_eps: EpsFn, t_scale: float = 999.0,
-                   steps: int = 0) -> jax.Array:
-    """CTSR inference: move the stage-1 latent ``z0`` to control ``t in [0, 1]`` ([B] or scalar).
-
-    ``steps == 0`` (default): the flow point of Eq. 5 with the student in place of the teacher,
-    ``z(t) = z0 + t eps_S(z0, t, c)``: one UNet call whose timestep input is the control (the paper: "the input
-    timesteps t for the diffusion UNet ... act as an adjustable parameter"). ``steps = K >= 1``: K Euler steps
-    of the learned flow (Eq. 7), ``z <- z + Δ eps_S(z, s, c)`` from ``s = 0`` to ``t``. Both return ``z0``
-    exactly at ``t = 0`` (the stage-1 result).
-    """
-    z0 = z0.astype(jnp.float32)
-    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (z0.shape[0],))
-    tb = t.reshape(-1, 1, 1, 1)
-    if steps == 0:
-        return z0 + tb * student_eps(z0, control_timestep(t, t_scale), c).astype(jnp.float32)
-    z = z0
-    for k in range(steps):
-        s = t * (k / steps)
-        z = z + (tb / steps) * student_eps(z, control_timestep(s, t_scale), c).astype(jnp.float32)
-    return z

@@ -4,15 +4,18 @@ One process per host. Per step: next batch from the Grain iterator (host), promp
 (host), batch placed on the mesh, one jitted step with declared shardings and the state donated. The host reads
 the previous step's metrics after dispatching the current one, so that read never stalls the device.
 
+The method (``config.method``) comes from the registry (:mod:`jsr.methods`): its ``setup`` gives the trainable
+trees, the phases of updates, the frozen extras and what to export; its ``forward`` makes the preview images. The
+loop knows no method by name.
+
 Workdir layout: ``config.json`` (the resolved config), ``checkpoints/`` (Orbax: state + data iterator),
-``tensorboard/`` (event files), ``export/<group>/{unet,vae}/`` (peft safetensors of the trained LoRAs, written at
-the end), ``profile/`` (optional trace).
+``tensorboard/`` (event files), ``export/<group>/`` (the trained trees: peft LoRAs, module safetensors, and the
+``jsr_export.json`` manifest; written at the end), ``profile/`` (optional trace).
 """
 
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -22,10 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+import jsr.methods
 from jsr.data import make_iterator, shard_batch
+from jsr.methods.api import Method, TrainSetup, split_knobs
+from jsr.methods.export import write_export
 from jsr.models import common
+from jsr.sr import generator
 from jsr.sr.base import load_base
-from jsr.train import methods, sharding
+from jsr.sr.prompts import drop_prompts
+from jsr.train import sharding
 from jsr.train.checkpoint import Checkpointer, PreemptionWatch
 from jsr.train.step import TrainState, init_state, make_train_step
 from jsr.train.writers import Profiler, ProgressReporter, create_writer
@@ -35,24 +43,35 @@ class NonFiniteLossError(RuntimeError):
     """The run produced non-finite losses or gradients for too many consecutive steps."""
 
 
-def _frozen_shardings(frozen: dict, base, mesh, shard: bool) -> Any:
+def build(config, base, rng: jax.Array) -> tuple[Method, TrainSetup]:
+    """``(method, setup)``: the registered method ``config.method`` and its training setup on ``base``."""
+    method = jsr.methods.get(config.method)
+    return method, method.setup(config, base, rng)
+
+
+def _frozen_shardings(frozen: dict, base, mesh, shard: bool,
+                      rules: Any = sharding.DEFAULT_RULES) -> Any:
     rep = sharding.replicated(mesh)
     out = jax.tree.map(lambda _: rep, frozen)
     if shard:
-        out["unet"] = sharding.tree_shardings(frozen["unet"], common.logical_axes(base.models.unet), mesh)
-        out["vae"] = sharding.tree_shardings(frozen["vae"], common.logical_axes(base.models.vae), mesh)
+        out["unet"] = sharding.tree_shardings(frozen["unet"], common.logical_axes(base.models.unet), mesh, rules)
+        out["vae"] = sharding.tree_shardings(frozen["vae"], common.logical_axes(base.models.vae), mesh, rules)
     return out
 
 
-def _export(state: TrainState, setup: methods.MethodSetup, workdir: Path) -> list[Path]:
-    from jsr.weights.peft import save_peft_lora
+def make_preview(method: Method, models: Any):
+    """``preview(params, frozen, x_lq [-1, 1], c) -> x_sr [-1, 1]``: the method's own one-step forward (at its
+    ``preview_knobs``) between the VAE encode and decode, on a training state."""
+    traced, static = split_knobs(method, method.knob_values(method.preview_knobs))
 
-    written = []
-    params = jax.device_get(state.params)
-    for group in setup.export_groups:
-        for model, lora in params[group].items():
-            written.append(save_peft_lora(lora, workdir / "export" / group / model))
-    return written
+    def preview(params, frozen, x_lq, c):
+        trees = method.inference_trees(params, frozen)
+        z = generator.encode(models, frozen["vae"], x_lq, method.encoder_lora(trees))
+        extra = {"x_lq": x_lq} if method.uses_image else {}
+        z = method.forward(models, frozen["unet"], trees, z, c, {**traced, **dict(static)}, **extra)
+        return generator.decode(models, frozen["vae"], z)
+
+    return preview
 
 
 def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
@@ -68,6 +87,7 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
     mesh_cfg = dict(config.mesh)
     n = mesh_cfg.pop("num_devices", -1)
+    rules = sharding.parse_rules(mesh_cfg.pop("rules", sharding.DEFAULT_RULES))
     mesh = sharding.make_mesh(**mesh_cfg, devices=None if n in (-1, None) else jax.devices()[:n])
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), jax.device_count(), jax.default_backend())
 
@@ -77,10 +97,13 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
                      remat=config.model.remat, tiny_seed=config.model.tiny_seed)
     logging.info("base model from %s loaded in %.1f s", base.path, time.perf_counter() - t0)
     rng = jax.random.key(config.seed)
-    setup = methods.build(config, base, jax.random.fold_in(rng, 1))
+    method, setup = build(config, base, jax.random.fold_in(rng, 1))
+    n_train = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.params))
+    logging.info("method %s: %s trainable parameters in groups %s", method.name, f"{n_train:,}",
+                 ", ".join(setup.params))
 
     rep = sharding.replicated(mesh)
-    frozen_sh = _frozen_shardings(setup.frozen, base, mesh, config.shard_frozen)
+    frozen_sh = _frozen_shardings(setup.frozen, base, mesh, config.shard_frozen, rules)
     frozen = jax.device_put(setup.frozen, frozen_sh)
     state = init_state(setup.params, setup.all_updates, config.seed)
     state_sh = jax.tree.map(lambda _: rep, state)
@@ -108,7 +131,8 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
                                       donate_argnums=0)
         return step_fns[phase]
 
-    preview = jax.jit(setup.preview, out_shardings=rep)
+    preview = jax.jit(make_preview(method, base.models), out_shardings=rep)
+    null_ratio = float(config.data.get("null_prompt_ratio", 0.0))
     writer = create_writer(workdir / "tensorboard")
     if jax.process_index() == 0:
         writer.write_hparams({k: str(v) for k, v in _flat(config.to_dict()).items()})
@@ -135,7 +159,10 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
             batch = next(it)
             if step in tuple(config.debug.nan_steps):
                 batch = dict(batch, hq=np.full_like(batch["hq"], np.nan))
-            host = {"hq": batch["hq"], "lq": batch["lq"], "c": np.asarray(base.prompts(list(batch["prompt"])))}
+            prompts = list(batch["prompt"])
+            if null_ratio:  # PiSA-SR/FiDeSR: a share of empty prompts; seeded by step, so a resume sees the same
+                prompts = drop_prompts(prompts, null_ratio, np.random.default_rng([config.seed, step]))
+            host = {"hq": batch["hq"], "lq": batch["lq"], "c": np.asarray(base.prompts(prompts))}
             device_batch = shard_batch(host, mesh)
             phase, updates = setup.updates_at(step)
             profiler(step)
@@ -158,8 +185,6 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
                     [np.asarray(device_batch["lq"][:n]), np.asarray(sr), np.asarray(device_batch["hq"][:n])], 2)})
             if ckpt.should_save(step):  # the iterator state is only read when a checkpoint is written
                 ckpt.save(step, state, it.get_state())
-            if step == config.debug.sigterm_at_step:
-                os.kill(os.getpid(), signal.SIGTERM)  # exercises the real handler, as a preempted VM would
             if step == config.debug.crash_after_step:
                 ckpt.wait()
                 raise SystemExit(f"debug.crash_after_step={step}: simulated crash")
@@ -174,7 +199,7 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
     if status == "done":
         ckpt.save(step, state, it.get_state(), force=True)
         if jax.process_index() == 0:
-            exported = _export(state, setup, workdir)
+            exported = write_export(workdir / "export", method.name, setup, jax.device_get(state.params), base)
             for p in exported:
                 logging.info("exported %s", p)
     ckpt.close()

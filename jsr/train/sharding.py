@@ -39,6 +39,32 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
+def parse_rules(rules: Any) -> tuple[tuple[str, Any], ...]:
+    """Logical-axis rules from a config: a sequence of ``(logical, mesh axis or None)`` pairs, or the same as a
+    string (``--config.mesh.rules="(('batch', 'fsdp'), ('embed', None))"``). Mesh axes must be ``data``,
+    ``fsdp``, ``tensor``, a tuple of them, or ``None``.
+
+    Raises ValueError naming the bad entry.
+    """
+    import ast
+
+    if isinstance(rules, str):
+        try:
+            rules = ast.literal_eval(rules)
+        except (ValueError, SyntaxError) as e:
+            raise ValueError(f"mesh.rules: not a Python literal of (logical, mesh_axis) pairs: {rules!r} ({e})") from None
+    out = []
+    for entry in rules:
+        if not isinstance(entry, (tuple, list)) or len(entry) != 2 or not isinstance(entry[0], str):
+            raise ValueError(f"mesh.rules: each rule is a (logical name, mesh axis) pair, got {entry!r}")
+        name, axis = entry
+        axes = axis if isinstance(axis, (tuple, list)) else (axis,)
+        if any(a is not None and a not in MESH_AXES for a in axes):
+            raise ValueError(f"mesh.rules: rule {name!r} maps to {axis!r}; mesh axes are {MESH_AXES} or None")
+        out.append((name, tuple(axis) if isinstance(axis, list) else axis))
+    return tuple(out)
+
+
 def maybe_initialize_distributed(multihost: bool | None = None) -> None:
     """Start JAX's multi-host runtime on a TPU pod slice (or any multi-process job).
 

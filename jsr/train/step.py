@@ -1,6 +1,6 @@
 """Train state and the generic jitted train step.
 
-A training method (``jsr.train.methods``) is a list of :class:`Update` s applied in order in one step, each
+A training method (``jsr.methods``) is a list of :class:`Update` s applied in order in one step, each
 differentiating its own loss w.r.t. one *group* of trainable trees with its own optimizer: OSEDiff's generator
 update (LoRA trees + the full ``conv_in``) followed by its fake-score update; CTSR's single student update.
 A later update sees the parameters the earlier ones produced and a ``carry`` they returned (e.g. the
@@ -23,18 +23,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-# loss(params_by_group, frozen, batch, rng, carry) -> (loss, (parts, carry))
-LossFn = Callable[[Mapping[str, Any], Any, Mapping[str, jax.Array], jax.Array, Any],
-                  tuple[jax.Array, tuple[dict[str, jax.Array], Any]]]
-
-
-@dataclasses.dataclass(frozen=True)
-class Update:
-    """One optimisation of ``group`` on ``loss`` with ``optimizer`` inside a train step."""
-
-    group: str
-    loss: LossFn
-    optimizer: optax.GradientTransformation
+from jsr.methods.api import LossFn, Update  # noqa: F401 - the step runs the methods' updates
+from jsr.methods.common import make_optimizer  # noqa: F401 - re-exported for older imports
 
 
 @flax.struct.dataclass
@@ -142,25 +132,3 @@ def make_train_step(updates: Sequence[Update], accum_steps: int = 1) -> Callable
         return new_state, metrics
 
     return step
-
-
-def make_optimizer(lr: float, *, weight_decay: float = 1e-2, b1: float = 0.9, b2: float = 0.999,
-                   eps: float = 1e-8, clip_norm: float | None = 1.0, warmup_steps: int = 0,
-                   total_steps: int | None = None, schedule: str = "constant") -> optax.GradientTransformation:
-    """AdamW with global-norm clipping and a ``constant`` / ``cosine`` / ``linear`` schedule after warm-up
-    (OSEDiff/CTSR: AdamW, constant lr, clip 1.0)."""
-    if schedule == "constant":
-        sched = optax.constant_schedule(lr)
-    elif schedule in ("cosine", "linear"):
-        if not total_steps:
-            raise ValueError(f"lr schedule {schedule!r} needs total_steps")
-        decay = total_steps - warmup_steps
-        sched = (optax.cosine_decay_schedule(lr, decay) if schedule == "cosine"
-                 else optax.linear_schedule(lr, 0.0, decay))
-    else:
-        raise ValueError(f"unknown lr schedule {schedule!r} (constant, cosine, linear)")
-    if warmup_steps:
-        sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), sched], [warmup_steps])
-    chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
-    chain.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
-    return optax.chain(*chain)

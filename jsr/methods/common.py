@@ -1,0 +1,127 @@
+"""Pieces several methods share: the optimizer from the config, batch images, the reconstruction loss, score
+networks over the shared base, LPIPS weights, stand-in LoRAs for random bases, and teacher loading."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+
+from jsr.models import lora as L
+from jsr.sr import losses
+from jsr.sr.teachers import UNetTeacher
+
+
+def make_optimizer(lr: float, *, weight_decay: float = 1e-2, b1: float = 0.9, b2: float = 0.999,
+                   eps: float = 1e-8, clip_norm: float | None = 1.0, warmup_steps: int = 0,
+                   total_steps: int | None = None, schedule: str = "constant") -> optax.GradientTransformation:
+    """AdamW with global-norm clipping and a ``constant`` / ``cosine`` / ``linear`` schedule after warm-up
+    (OSEDiff/CTSR: AdamW, constant lr, clip 1.0)."""
+    if schedule == "constant":
+        sched = optax.constant_schedule(lr)
+    elif schedule in ("cosine", "linear"):
+        if not total_steps:
+            raise ValueError(f"lr schedule {schedule!r} needs total_steps")
+        decay = total_steps - warmup_steps
+        sched = (optax.cosine_decay_schedule(lr, decay) if schedule == "cosine"
+                 else optax.linear_schedule(lr, 0.0, decay))
+    else:
+        raise ValueError(f"unknown lr schedule {schedule!r} (constant, cosine, linear)")
+    if warmup_steps:
+        sched = optax.join_schedules([optax.linear_schedule(0.0, lr, warmup_steps), sched], [warmup_steps])
+    chain = [optax.clip_by_global_norm(clip_norm)] if clip_norm else []
+    chain.append(optax.adamw(sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+    return optax.chain(*chain)
+
+
+def optimizer(config: Any) -> optax.GradientTransformation:
+    """The AdamW of ``config.optim`` (one per update group: each group keeps its own state)."""
+    o = config.optim
+    return make_optimizer(o.lr, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm,
+                          warmup_steps=o.warmup_steps, total_steps=config.total_steps, schedule=o.schedule)
+
+
+def images(batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """``(x_lq, x_hq)`` in [-1, 1] float32 from a batch's ``lq``/``hq`` NHWC images in [0, 1]."""
+    return batch["lq"].astype(jnp.float32) * 2.0 - 1.0, batch["hq"].astype(jnp.float32) * 2.0 - 1.0
+
+
+def reconstruction(config: Any) -> Callable[..., tuple[jax.Array, dict]]:
+    """``rec(x_sr, x_hq, frozen, l2=, lp=) -> (loss, parts)``: ``config.loss``'s L2 + LPIPS (LPIPS weights in
+    ``frozen["lpips"]``; images in [-1, 1])."""
+    lw = config.loss
+
+    def rec(x_sr, x_hq, frozen, l2=lw.l2, lp=lw.lpips):
+        fn = losses.lpips_loss_fn(frozen["lpips"]) if lp else None
+        return losses.reconstruction_loss(x_sr, x_hq, fn, l2_weight=l2, lpips_weight=lp)
+
+    return rec
+
+
+def net(models: Any, frozen: Mapping[str, Any], lora: L.LoRA | None) -> UNetTeacher:
+    """The shared frozen UNet base (``frozen["unet"]``) + ``lora`` as a score network."""
+    return UNetTeacher(params=frozen["unet"], lora=lora, schedule=models.schedule, unet=models.unet)
+
+
+def base_frozen(config: Any, base: Any, rng: jax.Array, *, lpips: bool = True) -> dict[str, Any]:
+    """The frozen tree every method starts from: the base ``unet``/``vae``, the negative prompt ``c_neg``, and
+    the LPIPS weights when ``lpips`` and ``config.loss.lpips > 0``."""
+    frozen: dict[str, Any] = {"unet": base.unet_params, "vae": base.vae_params,
+                              "c_neg": base.prompts.negative(config.negative_prompt)}
+    if lpips and config.loss.lpips > 0:
+        frozen["lpips"] = lpips_params(config, base, jax.random.fold_in(rng, 7))
+    return frozen
+
+
+def lpips_params(config: Any, base: Any, rng: jax.Array) -> Any:
+    """LPIPS-VGG weights from ``config.loss.lpips_vgg``/``lpips_heads``; a random trunk on random bases only."""
+    from jsr.metrics.lpips import LPIPS, load_lpips_params
+    from jsr.models.common import init_params
+
+    paths = [p for p in (config.loss.lpips_vgg, config.loss.lpips_heads) if p]
+    if paths:
+        return load_lpips_params(*paths)
+    if config.loss.lpips and not base.random_weights:
+        raise ValueError("loss.lpips > 0 needs LPIPS weights: set loss.lpips_vgg=<vgg16-397923af.pth> and "
+                         "loss.lpips_heads=<lpips weights/v0.1/vgg.pth> (or loss.lpips=0)")
+    return init_params(LPIPS(), rng)  # random trunk: random-base runs only
+
+
+def random_lora(rng: jax.Array, params: Any, spec: L.LoRASpec, std: float = 0.02) -> L.LoRA:
+    """A LoRA with gaussian ``a`` and non-zero ``b`` (a stand-in teacher for runs without weights)."""
+    lo = L.init(rng, params, spec)
+    leaves, tree = jax.tree.flatten(lo.factors)
+    keys = jax.random.split(jax.random.fold_in(rng, 1), len(leaves))
+    leaves = [x if x.any() else std * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return dataclasses.replace(lo, factors=jax.tree.unflatten(tree, leaves))
+
+
+def load_unet_vae_loras(path: str, base: Any) -> dict[str, L.LoRA]:
+    """``{"unet": LoRA, "vae": LoRA?}`` of an OSEDiff-form model: a jsr export (any method whose trees include
+    ``unet``), an OSEDiff release ``.pkl`` or a peft file (:func:`jsr.methods.export.read_source`)."""
+    from jsr.methods.export import read_source
+
+    src = read_source(path, base)
+    roles = src.roles
+    if "unet" not in roles:
+        raise ValueError(f"{path}: expected an OSEDiff-form model with a UNet LoRA, found roles {sorted(roles)}")
+    return {k: v for k, v in roles.items() if k in ("unet", "vae")}
+
+
+def teacher_loras(path: str, base: Any, rng: jax.Array, what: str, option: str) -> dict[str, L.LoRA]:
+    """A teacher's ``{"unet", "vae"}`` LoRAs from ``path``; with no path, seeded random stand-ins on a random
+    base only (``option`` names the config field in the error)."""
+    if path:
+        logging.info("%s from %s", what, path)
+        return load_unet_vae_loras(path, base)
+    if not base.random_weights:
+        raise ValueError(f"{option} is empty: this needs a {what} LoRA (an OSEDiff release .pkl, a peft "
+                         "file, or a jsr export folder); only random stand-in bases (the embedded tiny model, "
+                         "`python -m jsr.weights write-tiny`) run with random teachers")
+    logging.warning("no %s given (%s); using a seeded random LoRA (random base only)", what, option)
+    return {"unet": random_lora(jax.random.fold_in(rng, 1), base.unet_params, L.OSEDIFF_UNET),
+            "vae": random_lora(jax.random.fold_in(rng, 2), base.vae_params, L.OSEDIFF_VAE)}

@@ -1,0 +1,216 @@
+"""A :class:`jsr.sr.infer.Restorer` from a base model and the files a user names, for any registered method.
+
+    r = load_restorer("sd21-base", ["ctsr2/export"])                       # manifest: method, roles, t_scale
+    r = load_restorer("sd21-base", ["osediff.pkl"])                        # a release file
+    r = load_restorer("sd21-base", ["export/student", "control=export/control"])   # ROLE=PATH
+    sr = r(x_up, RestoreOptions(knobs={"t": 0.3}))
+
+Which method runs: ``method=`` when given; else the one the files' manifests or release formats name; else
+(plain LoRAs) the registered method with the fewest roles that covers the roles given (``unet``/``vae`` ->
+OSEDiff, ``+ control`` -> CTSR, ``pix``/``sem`` -> PiSA-SR). Trees a manifest ``requires`` and the user did not
+give (CTSR stage 2's stage-1 model) are read from the recorded path.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from jsr.methods import registry
+from jsr.methods.api import Method, split_knobs
+from jsr.methods.export import Source, check_base, merge_sources, read_role, read_source
+from jsr.sr import generator as gen
+from jsr.sr.base import Base, load_base
+from jsr.sr.infer import Restorer, RestoreOptions
+from jsr.sr.staged_tiling import TiledVAE
+
+AUTO = "auto"
+
+
+def parse_lora_arg(spec: str | os.PathLike) -> tuple[str | None, str]:
+    """``"ROLE=PATH"`` -> ``(ROLE, PATH)``; a plain path -> ``(None, path)`` (a path holding ``=`` whose prefix is
+    not an identifier stays a path)."""
+    spec = str(spec)
+    role, sep, rest = spec.partition("=")
+    if sep and role.isidentifier() and not Path(spec).exists():
+        return role, rest
+    return None, spec
+
+
+def read_sources(specs: Sequence[str | os.PathLike], base: Base) -> Source:
+    """Read every ``--lora`` spec (:func:`parse_lora_arg`) and merge them, then the trees their manifests
+    require (each path once)."""
+    sources = []
+    for spec in specs:
+        role, path = parse_lora_arg(spec)
+        sources.append(read_source(path, base) if role is None else read_role(path, role, base))
+    if not sources:
+        return Source(Path("."), None, {})
+    merged = merge_sources(sources)
+    seen: set[str] = set()
+    for role, path in list(merged.requires.items()):
+        if role in merged.roles or path in seen:
+            continue
+        seen.add(path)
+        if not Path(path).exists():
+            logging.warning("%s: the model needs its %s tree from %s, which does not exist; pass it with --lora",
+                            merged.path, role, path)
+            continue
+        logging.info("reading the %s tree from %s (recorded in the export's manifest)", role, path)
+        req = read_source(path, base)
+        for r, tree in req.roles.items():
+            merged.roles.setdefault(r, tree)
+    merged.requires = {r: p for r, p in merged.requires.items() if r not in merged.roles}
+    return merged
+
+
+def pick_method(method: str, source: Source) -> Method:
+    """The method to run (see the module docstring); its roles must cover the trees given.
+
+    Raises ValueError naming the trees a method does not use, or when no method fits."""
+    if method != AUTO:
+        m = registry.get(method)
+    elif source.method is not None:
+        m = registry.get(source.method)
+    else:
+        given = set(source.roles)
+        fits = []
+        for name in registry.names():
+            cand = registry.get(name)
+            try:
+                roles = set(cand.normalize_roles(source.roles))
+            except ValueError:
+                continue
+            if roles <= set(cand.roles) and set(cand.required_roles) <= roles:
+                fits.append(cand)
+        if not fits:
+            raise ValueError(f"no method uses the trees given ({', '.join(sorted(given)) or 'none'}); pass --method")
+        m = min(fits, key=lambda c: len(c.roles))  # min() keeps registration order on ties
+    roles = m.normalize_roles(source.roles)
+    extra = set(roles) - set(m.roles)
+    if extra:
+        raise ValueError(f"method {m.name} does not use the {', '.join(sorted(extra))} tree(s) given "
+                         f"(its roles: {', '.join(m.roles)})")
+    return m
+
+
+_FORWARD: dict[str, Callable] = {}
+_ENCODE = jax.jit(lambda models, vae_params, lora, x: gen.encode(models, vae_params, x, lora), static_argnums=0)
+_DECODE = jax.jit(lambda models, vae_params, z: gen.decode(models, vae_params, z), static_argnums=0)
+
+
+def jitted_forward(method: Method) -> Callable:
+    """``f(models, unet_params, trees, z, c, traced_knobs, static_knobs, x_lq)``: the method's forward, jitted once
+    per process (restorers over one base share compilations; knob values other than static ones never
+    recompile)."""
+    if method.name not in _FORWARD:
+        def step(models, unet_params, trees, z, c, traced, static, x_lq):
+            knobs = {**traced, **dict(static)}
+            if x_lq is None:
+                return method.forward(models, unet_params, trees, z, c, knobs)
+            return method.forward(models, unet_params, trees, z, c, knobs, x_lq=x_lq)
+
+        _FORWARD[method.name] = jax.jit(step, static_argnums=(0, 6))
+    return _FORWARD[method.name]
+
+
+def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+                  *, method: str = AUTO, dtype: Any = None, prompt: str = "",
+                  attention_impl: str = "auto") -> Restorer:
+    """A :class:`Restorer` from a base SD folder (or a loaded :class:`jsr.sr.base.Base`) and model files.
+
+    Args:
+      model: diffusers-layout SD folder (``unet/ vae/ text_encoder/ tokenizer/ scheduler/``), ``"tiny"`` for the
+        embedded tiny random model (a smoke test), or a ``Base`` (then ``dtype``/``attention_impl`` are unused).
+      lora: one or more specs ``PATH`` or ``ROLE=PATH``: jsr exports (``<workdir>/export`` or one group of it),
+        release files (OSEDiff/PiSA-SR ``.pkl``, other methods' formats), peft/diffusers LoRA files or folders.
+      method: a registered method name or ``auto`` (:func:`pick_method`).
+      dtype: compute and parameter dtype (``"bfloat16"``, ``"float32"``); default bf16 on an accelerator, f32 on
+        CPU. LoRA factors stay float32.
+      prompt: the text condition (OSEDiff/PiSA-SR use tags from a tagging model; without one, ``""``).
+    """
+    if isinstance(model, Base):
+        base = model
+    else:
+        if dtype is None:
+            dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        base = load_base("" if str(model) == "tiny" and not Path(model).exists() else model,
+                         dtype=jnp.dtype(dtype), attention=attention_impl)
+    specs = [] if lora is None else [lora] if isinstance(lora, (str, os.PathLike)) else list(lora)
+    source = read_sources(specs, base)
+    check_base(source, base)
+    m = pick_method(method, source)
+    trees = m.normalize_roles(source.roles)
+    missing = [r for r in m.required_roles if r not in trees]
+    if missing and not base.random_weights:
+        raise ValueError(f"method {m.name} needs the {', '.join(missing)} tree(s); give them with --lora "
+                         f"(roles: {', '.join(f'{k} = {v}' for k, v in m.roles.items())})")
+    recorded = {k: v for k, v in source.knobs.items() if k in m.knob_names()}
+    defaults = m.knob_values(recorded)
+    models, up, vp = base.models, base.unet_params, base.vae_params
+    c = base.prompts([prompt])
+    vae_lora = m.encoder_lora(trees)
+    forward = jitted_forward(m)
+    honoured = m.honoured_knobs(tuple(trees))
+
+    def encode(x):
+        return _ENCODE(models, vp, vae_lora, x)
+
+    def decode(z):
+        return _DECODE(models, vp, z)
+
+    def latent(z, opts: RestoreOptions):
+        traced, static = split_knobs(m, {**defaults, **opts.knobs})
+        x_lq = None
+        if m.uses_image:
+            f = int(round((z.shape[-1] - 4) / 3) ** 0.5)
+            b, h, w, _ = z.shape
+            x_lq = (jnp.asarray(z[..., 4:]).reshape(b, h, w, f, f, 3).transpose(0, 1, 3, 2, 4, 5)
+                    .reshape(b, h * f, w * f, 3))
+            z = z[..., :4]
+        return forward(models, up, trees, z, c, traced, static, x_lq)
+
+    factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    return Restorer(encode=encode, latent=latent, decode=decode, method=m.name, knobs=honoured, factor=factor,
+                    tiled_vae=TiledVAE(models, vp, vae_lora), knob_defaults=defaults, uses_image=m.uses_image,
+                    label=m.label)
+
+
+def check_options(restorer: Restorer, opts: RestoreOptions) -> None:
+    """Refuse controls the restorer would ignore (``t`` without a CTSR control LoRA, ``lambda_sem`` without a
+    semantic LoRA, a knob of another method...) and values out of range, so a sweep never silently produces
+    identical images.
+
+    A knob given at its default value on a restorer that does not have it is accepted (it changes nothing).
+
+    Raises:
+      ValueError naming the ignored knobs, the restorer's own knobs, and what each ignored one needs, e.g.
+      ``osediff model ignores t (its knobs: none); t needs a CTSR control LoRA (stage 2)``.
+    """
+    known = registry.all_knobs()
+    unknown = sorted(k for k in opts.knobs if k not in known)
+    if unknown:
+        raise ValueError(f"unknown knob(s) {', '.join(unknown)}; knobs of the registered methods: "
+                         f"{', '.join(known) or 'none'}")
+    for name, value in opts.knobs.items():
+        known[name].check(value)
+    ignored = sorted(k for k, v in opts.knobs.items() if k not in restorer.knobs and v != known[k].default)
+    if ignored:
+        have = ", ".join(restorer.knobs) or "none"
+        needs: dict[str, list[str]] = {}
+        for knob in ignored:
+            text = known[knob].needs_text or f"a {'/'.join(registry.methods_with_knob(knob))} model"
+            needs.setdefault(text, []).append(knob)
+        why = "; ".join(f"{' and '.join(ks)} need{'s' if len(ks) == 1 else ''} {what}" for what, ks in needs.items())
+        raise ValueError(f"{restorer.method} model ignores {', '.join(ignored)} (its knobs: {have}); {why}")
+
+
+def knob_overrides(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The knobs of ``values`` (e.g. parsed CLI flags, ``None`` = not given) that were set, parsed and checked."""
+    known = registry.all_knobs()
+    return {k: known[k].parse(v) for k, v in values.items() if v is not None and k in known}
