@@ -29,18 +29,24 @@ AUTO_CHUNK_BYTES = 1 << 30
 SHORT_SEQUENCE = 256
 
 
-def _xla(q, k, v, mask, scale):
+def _probs(q, k, mask, scale):
     # Head-major layout: measured faster than the [B, L, H, D] einsum on XLA:CPU.
     qh = jnp.swapaxes(q, 1, 2)
     kh = jnp.swapaxes(k, 1, 2)
-    vh = jnp.swapaxes(v, 1, 2)
     scores = jnp.einsum("bhqd,bhkd->bhqk", qh * jnp.asarray(scale, q.dtype), kh,
                         preferred_element_type=jnp.float32)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bhqk,bhkd->bhqd", probs, vh)
+    return jax.nn.softmax(scores, axis=-1)
+
+
+def _apply_probs(probs, v):
+    out = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(v.dtype), jnp.swapaxes(v, 1, 2))
     return jnp.swapaxes(out, 1, 2)
+
+
+def _xla(q, k, v, mask, scale):
+    return _apply_probs(_probs(q, k, mask, scale), v)
 
 
 def _block_size(lk: int, chunk_size: int | None) -> int:
@@ -140,3 +146,26 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
                                             implementation=None if which == "jax" else "cudnn")
     raise ValueError("attention implementation 'splash' (Pallas, TPU) is not built yet in jsr; "
                      "use 'auto' or 'xla' on TPU")
+
+
+def attention_with_probs(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                         mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Scaled dot-product attention that also returns its probabilities (the ``"xla"`` path, made explicit).
+
+    For reading attention maps (``jsr.models.unet``'s ``capture_attention``): the whole [B, H, Lq, Lk] matrix is
+    materialised, so use it only where those maps are wanted; everything else goes through
+    :func:`dot_product_attention`. The output is computed from the returned probabilities with the same
+    operations as the ``"xla"`` implementation.
+
+    Args:
+      q: [B, Lq, H, D] queries.
+      k, v: [B, Lk, H, D] keys and values.
+      mask: optional boolean, broadcastable to [B, H, Lq, Lk]; True means "may attend".
+    Returns:
+      (out [B, Lq, H, D] in v's dtype, probs [B, H, Lq, Lk] float32 = ``softmax(q k^T / sqrt(d))``, rows sum
+      to 1).
+    """
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(f"attention expects [B, L, H, D] inputs, got q{q.shape} k{k.shape} v{v.shape}")
+    probs = _probs(q, k, mask, 1.0 / math.sqrt(q.shape[-1]))
+    return _apply_probs(probs, v), probs

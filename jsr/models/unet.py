@@ -7,6 +7,16 @@
 Parameters are named after diffusers' attributes (see ``jsr.models.unet_blocks``), so
 ``jsr.weights.unet.load_unet``/``save_unet`` convert checkpoints both ways with the generic converter.
 
+Extension points for one-step SR methods, none of which adds a parameter (the tree stays the checkpoint's):
+
+* ``conv_in_modulation=(scale, shift)``: ``h * (1 + scale) + shift`` on ``conv_in``'s output (CODSR's SFT).
+* ``encoder_hidden_states`` of any token count: a method may pass its own context (visual prompt tokens...).
+* ``capture_attention=("up_blocks.1.attentions", ...)`` (static): the named ``attn2`` layers sow their
+  head-averaged probabilities into the ``"attention_maps"`` collection; read them with :func:`attention_maps`::
+
+    eps, state = unet.apply({"params": params}, z_t, t, ctx, capture_attention=("",), mutable=["attention_maps"])
+    maps = attention_maps(state)    # {"up_blocks.1.attentions.0.transformer_blocks.0.attn2": [B, Lq, Lk], ...}
+
 diffusers naming quirk, reproduced on purpose: in SD configs ``attention_head_dim`` is the *number of heads*
 per block (``num_attention_heads`` must be unset; diffusers itself rejects it), and the head width is
 ``channels // heads``. SD-2.1's ``[5, 10, 20, 20]`` therefore means 64-wide heads at every level; SD-1.5's ``8``
@@ -17,14 +27,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from jsr.models.layers import Conv, GroupNorm
-from jsr.models.unet_blocks import (ACTIVATIONS, DownBlock2D, MidBlock2DCrossAttn, TimestepEmbedding, UpBlock2D,
+from jsr.models.lora import module_name
+from jsr.models.unet_blocks import (ACTIVATIONS, ATTENTION_MAPS, ATTENTION_PATH_LISTS, AttentionCapture,
+                                    DownBlock2D, MidBlock2DCrossAttn, TimestepEmbedding, UpBlock2D,
                                     timestep_embedding)
 
 Dtype = Any
@@ -197,6 +209,87 @@ class UNetConfig:
         return json.loads(self.diffusers_json)
 
 
+def cross_attention_layers(config: UNetConfig) -> tuple[str, ...]:
+    """PyTorch names of every cross-attention (``attn2``) layer of a UNet with ``config``, in execution order
+    (down blocks, mid block, up blocks), e.g. ``down_blocks.0.attentions.1.transformer_blocks.0.attn2``; the names
+    ``capture_attention`` patterns are matched against and :func:`attention_maps` returns."""
+    names = []
+
+    def add(block: str, attentions: int, transformer_layers: int) -> None:
+        names.extend(f"{block}.attentions.{j}.transformer_blocks.{k}.attn2"
+                     for j in range(attentions) for k in range(transformer_layers))
+
+    for i, kind in enumerate(config.down_block_types):
+        if kind == "CrossAttnDownBlock2D":
+            add(f"down_blocks.{i}", config.layers_per_block[i], config.transformer_layers_per_block[i])
+    if config.mid_block_type is not None:
+        add("mid_block", 1, config.transformer_layers_per_block[-1])
+    layers, t_layers = config.layers_per_block[::-1], config.transformer_layers_per_block[::-1]
+    for i, kind in enumerate(config.up_block_types):
+        if kind == "CrossAttnUpBlock2D":
+            add(f"up_blocks.{i}", layers[i] + 1, t_layers[i])
+    return tuple(names)
+
+
+def _capture_patterns(capture_attention: str | Sequence[str], config: UNetConfig) -> tuple[str, ...]:
+    # A bare string is one pattern (not its characters). Every pattern must select something: a typo would
+    # otherwise just return no maps.
+    patterns = (capture_attention,) if isinstance(capture_attention, str) else tuple(capture_attention)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"capture_attention must be a tuple of module-name substrings, got {capture_attention!r}")
+    layers = cross_attention_layers(config)
+    for p in patterns:
+        if not any(p in name for name in layers):
+            raise ValueError(f"capture_attention pattern {p!r} selects no cross-attention layer of this UNet; its "
+                             f"attn2 layers are named like {layers[:2]}... (jsr.models.unet.cross_attention_layers)")
+    return patterns
+
+
+def _modulate(x: jax.Array, modulation: tuple[jax.Array, jax.Array]) -> jax.Array:
+    if not isinstance(modulation, (tuple, list)) or len(modulation) != 2:
+        raise TypeError("conv_in_modulation must be None or a (scale, shift) pair of arrays")
+    scale, shift = (jnp.asarray(m) for m in modulation)
+    for what, m in (("scale", scale), ("shift", shift)):
+        try:
+            ok = jnp.broadcast_shapes(m.shape, x.shape) == x.shape
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(f"conv_in_modulation {what} of shape {m.shape} does not broadcast to conv_in's output "
+                             f"{x.shape} (NHWC)")
+    # float32 arithmetic, one rounding to the compute dtype: in bf16, 1 + scale would lose a small scale.
+    f32 = jnp.float32
+    return (x.astype(f32) * (1 + scale.astype(f32)) + shift.astype(f32)).astype(x.dtype)
+
+
+def attention_maps(collection: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """PyTorch module name -> captured cross-attention map, from ``apply(..., mutable=["attention_maps"])``.
+
+    Args:
+      collection: the mutated-variables dict ``apply`` returned (``{"attention_maps": {...}}``) or the
+        ``"attention_maps"`` collection itself. Names are relative to the root of the tree given: pass the
+        UNet's subtree when the UNet is a submodule of a larger model.
+    Returns:
+      ``{"up_blocks.1.attentions.0.transformer_blocks.0.attn2": probs, ...}`` where ``probs`` is [B, Lq, Lk]
+      float32, the softmax probabilities averaged over heads (each row sums to 1); Lq = h * w of that layer's
+      feature map flattened row-major (reshape to [B, h, w, Lk] for a spatial map), Lk the context length. A
+      layer that ran N > 1 times in one ``apply`` gives [N, B, Lq, Lk] (calls in order).
+    """
+    tree = collection.get(ATTENTION_MAPS, collection) if isinstance(collection, Mapping) else collection
+    out: dict[str, jax.Array] = {}
+
+    def walk(node: Mapping[str, Any], path: tuple[str, ...]) -> None:
+        for key, value in node.items():
+            if isinstance(value, Mapping):
+                walk(value, path + (key,))
+            elif key == "probs":
+                values = tuple(value)  # sow stores one entry per call
+                out[module_name(path, ATTENTION_PATH_LISTS)] = values[0] if len(values) == 1 else jnp.stack(values)
+
+    walk(tree, ())
+    return out
+
+
 class UNet2DConditionModel(nn.Module):
     """SD 1.x/2.x conditional UNet (epsilon or v prediction, as its weights were trained), NHWC.
 
@@ -214,14 +307,31 @@ class UNet2DConditionModel(nn.Module):
     remat: bool = False
 
     @nn.compact
-    def __call__(self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array) -> jax.Array:
+    def __call__(self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array, *,
+                 conv_in_modulation: tuple[jax.Array, jax.Array] | None = None,
+                 capture_attention: Sequence[str] | None = None) -> jax.Array:
         """One UNet evaluation.
 
         Args:
           sample: [B, H, W, in_channels] noisy latents (unscaled network input, e.g. ``scaling_factor * E(x)``
             plus noise). Any H, W; multiples of ``2 ** (blocks - 1)`` avoid non-x2 upsampling.
           timesteps: float or int, a scalar or [B]; fractional values are allowed (the control knob).
-          encoder_hidden_states: [B, L, cross_attention_dim] text (or other) conditioning.
+          encoder_hidden_states: [B, L, cross_attention_dim] conditioning of any token count L: CLIP text
+            embeddings (77 tokens), or a method's own context, e.g. visual prompt tokens (257 image tokens
+            projected to cross_attention_dim). Every ``attn2`` layer attends to it.
+          conv_in_modulation: None, or ``(scale, shift)`` arrays broadcastable to conv_in's output
+            [B, H, W, block_out_channels[0]] (NHWC; e.g. [B, H, W, C0] maps or [B, 1, 1, C0] vectors): the
+            features become ``h * (1 + scale) + shift`` (computed in float32) before the down blocks, and the
+            first skip connection is the modulated ``h`` (CODSR's SFT conditioning). None (or zero scale and
+            shift) is the plain UNet.
+          capture_attention: None, or PyTorch-style module-name substrings selecting ``attn2`` layers
+            (``("up_blocks.1.attentions", "mid_block")``; ``("",)`` for all; names as
+            :func:`cross_attention_layers`). Static: under ``jax.jit`` close over it or mark it in
+            ``static_argnames``. The selected layers compute their probabilities explicitly and sow the head
+            mean, [B, Lq, Lk] float32, into the ``"attention_maps"`` collection; pass
+            ``mutable=["attention_maps"]`` to ``apply`` and read them with :func:`attention_maps`. None: nothing
+            is computed or stored and every attention takes the ``attention_impl`` path. A pattern that selects
+            no layer is a ValueError.
         Returns:
           [B, H, W, out_channels] prediction (noise or v) in ``dtype``.
         """
@@ -246,10 +356,16 @@ class UNet2DConditionModel(nn.Module):
         p = cfg.conv_in_kernel // 2
         x = Conv(cfg.block_out_channels[0], kernel_size=(cfg.conv_in_kernel,) * 2, padding=((p, p), (p, p)),
                  dtype=dt, name="conv_in")(x)
+        if conv_in_modulation is not None:
+            x = _modulate(x, conv_in_modulation)
 
+        capture = None
+        if capture_attention is not None:
+            # Names are taken relative to this module, wherever it sits in a larger model.
+            capture = AttentionCapture(_capture_patterns(capture_attention, cfg), root_depth=len(self.path))
         common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn,
                       use_linear_projection=cfg.use_linear_projection, dtype=dt,
-                      attention_impl=self.attention_impl, remat=self.remat)
+                      attention_impl=self.attention_impl, remat=self.remat, capture=capture)
         n = len(cfg.block_out_channels)
         skips: list[jax.Array] = [x]
         for i, kind in enumerate(cfg.down_block_types):

@@ -11,6 +11,7 @@ their statistics in float32 whatever the compute dtype.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Callable, Sequence
 
@@ -19,10 +20,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsr.models.attention import dot_product_attention
+from jsr.models.attention import attention_with_probs, dot_product_attention
 from jsr.models.layers import Conv, Dense, GroupNorm, LayerNorm
+from jsr.models.lora import module_name
 
 Dtype = Any
+
+# Flax collection that captured cross-attention maps are sown into (see ``AttentionCapture``).
+ATTENTION_MAPS = "attention_maps"
+# The list containers on the path of a UNet attention layer: their ``name_N`` becomes ``name.N`` in PyTorch names.
+ATTENTION_PATH_LISTS = frozenset({"down_blocks", "up_blocks", "attentions", "transformer_blocks"})
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCapture:
+    """Which cross-attention (``attn2``) layers record their probabilities; a hashable (static) module attribute.
+
+    Attributes:
+      patterns: PyTorch-style module-name substrings; a layer is selected when its name (relative to the UNet,
+        e.g. ``up_blocks.1.attentions.0.transformer_blocks.0.attn2``) contains any of them (``""`` selects all).
+      root_depth: length of the UNet's own Flax path, stripped from a layer's path before naming it, so that
+        the names do not depend on where the UNet sits inside a larger model.
+    """
+
+    patterns: tuple[str, ...]
+    root_depth: int = 0
+
+    def selects(self, path: Sequence[str]) -> bool:
+        """Whether the attention layer at Flax ``path`` (absolute, as ``Module.path``) is selected."""
+        name = module_name(tuple(path)[self.root_depth:], ATTENTION_PATH_LISTS)
+        return any(p in name for p in self.patterns)
+
 
 # Activation names diffusers' ``get_activation`` accepts, as jax functions. "gelu" is PyTorch's exact (erf) GELU.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -149,12 +177,19 @@ class Upsample2D(nn.Module):
 
 class Attention(nn.Module):
     """Multi-head attention with diffusers' ``Attention`` names: ``to_q``/``to_k``/``to_v`` (no bias) and
-    ``to_out_0``. x [B, Lq, C], context [B, Lk, Cc] (None: self-attention) -> [B, Lq, C]."""
+    ``to_out_0``. x [B, Lq, C], context [B, Lk, Cc] (None: self-attention) -> [B, Lq, C].
+
+    ``capture``: when set and it selects this layer, the attention probabilities are computed explicitly and
+    their mean over heads, [B, Lq, Lk] float32, is sown into the ``ATTENTION_MAPS`` collection as ``probs``
+    (stored only when the caller makes that collection mutable). Otherwise the call is the plain
+    ``dot_product_attention`` dispatch.
+    """
 
     heads: int
     head_dim: int
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
+    capture: AttentionCapture | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -167,7 +202,12 @@ class Attention(nn.Module):
         q = proj("to_q")(x).reshape(b, lq, self.heads, self.head_dim)
         k = proj("to_k")(context).reshape(b, lk, self.heads, self.head_dim)
         v = proj("to_v")(context).reshape(b, lk, self.heads, self.head_dim)
-        out = dot_product_attention(q, k, v, impl=self.attention_impl).reshape(b, lq, inner)
+        if self.capture is not None and self.capture.selects(self.path):
+            out, probs = attention_with_probs(q, k, v)
+            self.sow(ATTENTION_MAPS, "probs", jnp.mean(probs, axis=1))
+        else:
+            out = dot_product_attention(q, k, v, impl=self.attention_impl)
+        out = out.reshape(b, lq, inner)
         return Dense(x.shape[-1], dtype=self.dtype, kernel_axes=("heads", "embed"), name="to_out_0")(out)
 
 
@@ -200,8 +240,8 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Self-attention, cross-attention and GEGLU feed-forward, each pre-LayerNorm (eps 1e-5) and residual.
 
-    ``only_cross_attention``: ``attn1`` attends to the context too (as diffusers). x [B, L, C],
-    context [B, Lc, Cc] -> [B, L, C].
+    ``only_cross_attention``: ``attn1`` attends to the context too (as diffusers). ``capture`` reaches ``attn2``
+    only (the cross-attention whose maps methods read). x [B, L, C], context [B, Lc, Cc] -> [B, L, C].
     """
 
     heads: int
@@ -209,14 +249,15 @@ class BasicTransformerBlock(nn.Module):
     only_cross_attention: bool = False
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
+    capture: AttentionCapture | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
-        attn = lambda name: Attention(self.heads, self.head_dim, dtype=self.dtype,
-                                      attention_impl=self.attention_impl, name=name)
+        attn = lambda name, capture=None: Attention(self.heads, self.head_dim, dtype=self.dtype,
+                                                    attention_impl=self.attention_impl, capture=capture, name=name)
         norm = lambda name: LayerNorm(1e-5, dtype=self.dtype, name=name)
         x = x + attn("attn1")(norm("norm1")(x), context if self.only_cross_attention else None)
-        x = x + attn("attn2")(norm("norm2")(x), context)
+        x = x + attn("attn2", self.capture)(norm("norm2")(x), context)
         return x + FeedForward(dtype=self.dtype, name="ff")(norm("norm3")(x))
 
 
@@ -236,6 +277,7 @@ class Transformer2DModel(nn.Module):
     only_cross_attention: bool = False
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
+    capture: AttentionCapture | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -256,8 +298,11 @@ class Transformer2DModel(nn.Module):
         # (tests/test_train_sharding.py::test_xla_spmd_miscompile_is_still_present keeps the repro).
         h = proj(inner, "proj_in", ("embed", "embed"))(h).reshape(b, hh * ww, inner)
         for i in range(self.num_layers):
+            # Tokens are the row-major flattening of the NHWC map, so a captured [B, hh*ww, Lc] map reshapes back
+            # to [B, hh, ww, Lc].
             h = BasicTransformerBlock(self.heads, self.head_dim, self.only_cross_attention, dtype=self.dtype,
-                                      attention_impl=self.attention_impl, name=f"transformer_blocks_{i}")(h, context)
+                                      attention_impl=self.attention_impl, capture=self.capture,
+                                      name=f"transformer_blocks_{i}")(h, context)
         h = proj(c, "proj_out", ("embed", "embed"))(h.reshape(b, hh, ww, inner))
         return h + x.astype(h.dtype)
 
@@ -283,6 +328,7 @@ class _BlockBase(nn.Module):
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
     remat: bool = False
+    capture: AttentionCapture | None = None
 
     def resnet(self, name: str, scale: float = 1.0) -> nn.Module:
         return _maybe_remat(ResnetBlock2D, self.remat)(self.out_channels, self.groups, self.eps, self.act_fn,
@@ -293,7 +339,8 @@ class _BlockBase(nn.Module):
             raise ValueError(f"{self.name}: {channels} channels do not split into {self.heads} attention heads")
         return _maybe_remat(Transformer2DModel, self.remat)(
             self.heads, channels // self.heads, self.groups, self.transformer_layers, self.use_linear_projection,
-            self.only_cross_attention, dtype=self.dtype, attention_impl=self.attention_impl, name=name)
+            self.only_cross_attention, dtype=self.dtype, attention_impl=self.attention_impl, capture=self.capture,
+            name=name)
 
 
 class DownBlock2D(_BlockBase):
