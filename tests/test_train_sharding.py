@@ -68,3 +68,20 @@ def test_xla_spmd_miscompile_is_still_present():
     out = grad(a, b, put(w1, "fsdp", "tensor"), put(w2, "fsdp", "tensor"), put(x, ("data", "fsdp")))
     for o, r in zip(out, ref):  # f32 round-off only, were the compiler right (measured 2e-7 on other meshes)
         np.testing.assert_allclose(np.asarray(o), np.asarray(r), rtol=1e-4, atol=1e-3 * float(jnp.abs(r).max()))
+
+
+def test_rules_from_the_config():
+    """config.mesh.rules: the defaults are DEFAULT_RULES; a string override (as --config.mesh.rules=... gives)
+    parses; a rule naming an unknown mesh axis is refused by name; changed rules change the specs."""
+    from configs import base as cb
+
+    assert sharding.parse_rules(cb.get_config("osediff").mesh.rules) == sharding.DEFAULT_RULES
+    rules = sharding.parse_rules("(('batch', 'fsdp'), ('embed', None), ('mlp', ('tensor', 'fsdp')))")
+    assert rules == (("batch", "fsdp"), ("embed", None), ("mlp", ("tensor", "fsdp")))
+    with pytest.raises(ValueError, match="rule 'embed' maps to 'model'"):
+        sharding.parse_rules((("embed", "model"),))
+    with pytest.raises(ValueError, match="not a Python literal"):
+        sharding.parse_rules("((")
+    mesh = sharding.make_mesh(data=2, fsdp=4)
+    assert sharding.logical_to_spec(("embed", "mlp"), (8, 8), mesh) == P("fsdp", None)
+    assert sharding.logical_to_spec(("embed", "mlp"), (8, 8), mesh, rules) == P(None, "fsdp")

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from jsr.eval.columns import COLUMNS, t_label
 from jsr.eval.datasets import EvalDataset, EvalImage, SRFolder, check_inputs
 from jsr.eval.plots import sample_grid
+from jsr.data.images import quantize_8bit, write_image
 from jsr.eval.suite import MetricSuite, fid_from_features
 from jsr.methods.restorer import check_options
 from jsr.sr.infer import Restorer, RestoreOptions, upscale_bicubic
@@ -28,15 +29,6 @@ from jsr.sr.infer import Restorer, RestoreOptions, upscale_bicubic
 
 def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "x"
-
-
-def _quantize(x: np.ndarray) -> np.ndarray:
-    return (np.round(np.clip(x, 0.0, 1.0) * 255.0) / 255.0).astype(np.float32)
-
-
-def _save_png(path: Path, img01: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.round(np.clip(img01, 0, 1) * 255).astype(np.uint8)).save(path)
 
 
 class _Entry:
@@ -84,10 +76,10 @@ def _sr_image(dataset: str, e: _Entry, img: EvalImage, up: np.ndarray, restorer:
     else:
         sr, timing = timer.call(restorer, up, e.opts)
         row.update(timing)
-    sr = _quantize(sr)
+    sr = quantize_8bit(sr)
     if e.out is not None:
         path = e.out / f"{img.name}.png"
-        _save_png(path, sr)
+        write_image(path, sr)
         row["sr_path"] = str(path)
     row.update(suite.image_metrics(sr, img.hq))
     if e.feats is not None:
@@ -196,8 +188,8 @@ def evaluate(datasets: Sequence[EvalDataset], out_dir: str | os.PathLike, *, res
                 raise ValueError(f"dataset {ds.name}: {img.name}: LQ x{upscale:g} is {up.shape[1]}x{up.shape[0]}, "
                                  f"its HQ {img.hq.shape[1]}x{img.hq.shape[0]}")
             if not ds.spec.paired and save_images:
-                _save_png(ds_dir / "LQ" / f"{img.name}.png", img.lq)
-                _save_png(ds_dir / "HQ" / f"{img.name}.png", img.hq)
+                write_image(ds_dir / "LQ" / f"{img.name}.png", img.lq)
+                write_image(ds_dir / "HQ" / f"{img.name}.png", img.hq)
             if hq_feats is not None:
                 hq_feats.add(img.hq)
             srs = [_sr_image(ds.name, e, img, up, restorer, timer, suite) for e in entries]

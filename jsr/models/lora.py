@@ -131,16 +131,6 @@ OSEDIFF_VAE = LoRASpec(OSEDIFF_VAE_TARGETS, rank=4, alpha=8.0)
 # PiSA-SR: the same UNet targets for its pixel and its semantic LoRA, no VAE LoRA, nothing trained in full.
 PISASR_UNET = LoRASpec(OSEDIFF_UNET_TARGETS, rank=4, alpha=8.0)
 
-# method -> model -> spec. The VSD fake score trains LoRA only (OSEDiff_reg). CTSR fine-tunes OSEDiff with rank-4
-# LoRA (paper, implementation details) and does not list its targets: OSEDiff's are assumed.
-METHODS: dict[str, dict[str, LoRASpec]] = {
-    "osediff": {"unet": OSEDIFF_UNET, "vae": OSEDIFF_VAE},
-    "osediff_fake_score": {"unet": LoRASpec(OSEDIFF_UNET_TARGETS, rank=4, alpha=8.0)},
-    "pisasr_pix": {"unet": PISASR_UNET},
-    "pisasr_sem": {"unet": PISASR_UNET},
-    "ctsr": {"unet": OSEDIFF_UNET, "vae": OSEDIFF_VAE},
-}
-
 
 @struct.dataclass
 class LoRA:
@@ -480,11 +470,6 @@ def _stack_overrides(items: Sequence[tuple[LoRA, float]], params: Mapping | None
 
 # --------------------------------------------------------------------------------------------------------------
 # Bookkeeping
-
-
-def num_params(lora: LoRA) -> int:
-    """Number of trainable scalars (factors + overrides)."""
-    return sum(int(x.size) for x in jax.tree_util.tree_leaves(lora))
 
 
 def logical_axes(lora: LoRA, base_axes: Mapping) -> LoRA:

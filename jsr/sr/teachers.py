@@ -13,7 +13,7 @@ network reads the same device buffers (the base appears once among the jitted fu
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -23,12 +23,6 @@ from flax import struct
 from jsr.models import lora as lora_lib
 from jsr.sr import schedule as sched
 from jsr.sr.schedule import DDPMSchedule
-
-
-class Teacher(Protocol):
-    """The teacher interface: epsilon prediction in the SD latent space (shapes in the module docstring)."""
-
-    def eps(self, z_t: jax.Array, t: jax.Array, c: jax.Array) -> jax.Array: ...
 
 
 @struct.dataclass

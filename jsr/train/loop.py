@@ -43,6 +43,35 @@ class NonFiniteLossError(RuntimeError):
     """The run produced non-finite losses or gradients for too many consecutive steps."""
 
 
+# Within one process, runs of the same config on the same base reuse the jitted step (and so XLA's in-memory
+# executable) instead of rebuilding closures that only hit the persistent cache: resuming in-process, tests.
+_STEPS: dict[tuple, Any] = {}
+_BASES: dict[tuple, Any] = {}
+# Config fields that never reach the compiled step.
+_NOT_IN_STEP = ("checkpoint", "log", "debug", "seed", "max_nonfinite", "multihost")
+
+
+def _base(config) -> Any:
+    m = config.model
+    key = (m.path, m.dtype, m.param_dtype, m.attention, bool(m.remat), int(m.tiny_seed))
+    if key not in _BASES:
+        _BASES.clear()  # one base per process at a time: a full-size base is GBs
+        _BASES[key] = load_base(m.path, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
+                                attention=m.attention, remat=m.remat, tiny_seed=m.tiny_seed)
+    return _BASES[key]
+
+
+def _run_key(config, base) -> tuple:
+    """What the compiled step depends on: the config (less logging/checkpoint/seed fields), the base, devices."""
+    d = config.to_dict()
+    for k in _NOT_IN_STEP:
+        d.pop(k, None)
+    d.get("data", {}).pop("seed", None)
+    import json
+
+    return (json.dumps(d, sort_keys=True, default=str), id(base.models), tuple(map(str, jax.devices())))
+
+
 def build(config, base, rng: jax.Array) -> tuple[Method, TrainSetup]:
     """``(method, setup)``: the registered method ``config.method`` and its training setup on ``base``."""
     method = jsr.methods.get(config.method)
@@ -92,9 +121,7 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
     logging.info("mesh %s over %d devices (%s)", dict(mesh.shape), jax.device_count(), jax.default_backend())
 
     t0 = time.perf_counter()
-    base = load_base(config.model.path, dtype=jnp.dtype(config.model.dtype),
-                     param_dtype=jnp.dtype(config.model.param_dtype), attention=config.model.attention,
-                     remat=config.model.remat, tiny_seed=config.model.tiny_seed)
+    base = _base(config)
     logging.info("base model from %s loaded in %.1f s", base.path, time.perf_counter() - t0)
     rng = jax.random.key(config.seed)
     method, setup = build(config, base, jax.random.fold_in(rng, 1))
@@ -122,14 +149,15 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
 
     batch_keys = ("hq", "lq", "c")
     batch_sh = {k: sharding.batch_sharding(mesh, 4 if k != "c" else 3) for k in batch_keys}
-    step_fns: dict[int, Any] = {}
+    run_key = _run_key(config, base)
 
     def step_fn(phase: int, updates):
-        if phase not in step_fns:
-            step_fns[phase] = jax.jit(make_train_step(updates, config.optim.accum_steps),
-                                      in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, rep),
-                                      donate_argnums=0)
-        return step_fns[phase]
+        key = (run_key, phase)
+        if key not in _STEPS:
+            _STEPS[key] = jax.jit(make_train_step(updates, config.optim.accum_steps),
+                                  in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, rep),
+                                  donate_argnums=0)
+        return _STEPS[key]
 
     preview = jax.jit(make_preview(method, base.models), out_shardings=rep)
     null_ratio = float(config.data.get("null_prompt_ratio", 0.0))

@@ -134,9 +134,3 @@ def torch_state_to_params(state: Mapping[str, np.ndarray], abstract_params: Mapp
 def _listing(keys: list[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def cast_params(params: Any, dtype: Any) -> Any:
-    """Cast every floating-point leaf of ``params`` to ``dtype``."""
-    return jax.tree_util.tree_map(
-        lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
