@@ -165,6 +165,33 @@ def _pow(x: jax.Array, gamma: float) -> jax.Array:
     return x if gamma == 1.0 else jnp.power(x, gamma)  # release skips the power at gamma 1
 
 
+def _gates(z: jax.Array, z_lq: jax.Array, x_lq: jax.Array, o: LFIMOptions) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(z float32, M_sp [B, h, w, 1], M_ch [B, 1, 1, C])``."""
+    hw = (z.shape[1], z.shape[2])
+    m_sp = spatial_gate(x_lq, hw)
+    m_ch = channel_gate(z_lq, o.low_cut, o.low_order, o.tau, o.sharp, o.radius)
+    return z.astype(jnp.float32), m_sp, m_ch
+
+
+def _low_terms(zf: jax.Array, m_sp: jax.Array, m_ch: jax.Array, eps_hat: jax.Array,
+               o: LFIMOptions) -> tuple[jax.Array, jax.Array]:
+    """``(mask, LP_lo(z))``: the low branch is ``z + g_lo * mask * LP_lo(z)``."""
+    mask = _pow(percentile_normalize((1.0 - m_sp) * residual_map(eps_hat)), o.low_gamma) * m_ch
+    return mask, butterworth_lowpass(zf, o.low_cut, o.low_order, o.radius)
+
+
+def _high_terms(zf: jax.Array, z_lq: jax.Array, m_sp: jax.Array, m_ch: jax.Array,
+                o: LFIMOptions) -> tuple[jax.Array, jax.Array]:
+    """``(mask, HP_hi(z) - HP_hi(z_L))``: the high branch is ``z + g_hi * mask * delta``."""
+    delta = (butterworth_highpass(zf, o.high_cut, o.high_order, o.radius)
+             - butterworth_highpass(z_lq, o.high_cut, o.high_order, o.radius))
+    return _pow(m_sp, o.high_gamma) * (1.0 - m_ch), delta
+
+
+def _mix(o: LFIMOptions) -> float:
+    return min(max(float(o.mix), 0.0), 1.0)
+
+
 def lfim(z: jax.Array, z_lq: jax.Array, eps_hat: jax.Array, x_lq: jax.Array,
          options: LFIMOptions = LFIMOptions()) -> jax.Array:
     """Apply LFIM to the generator's latent (inference only).
@@ -182,21 +209,44 @@ def lfim(z: jax.Array, z_lq: jax.Array, eps_hat: jax.Array, x_lq: jax.Array,
     low_on, high_on = o.low_gain > 0, o.high_gain > 0
     if not (low_on or high_on):
         return z
-    zf = z.astype(jnp.float32)
-    hw = (z.shape[1], z.shape[2])
-    m_sp = spatial_gate(x_lq, hw)  # [B, h, w, 1]
-    m_ch = channel_gate(z_lq, o.low_cut, o.low_order, o.tau, o.sharp, o.radius)  # [B, 1, 1, C]
+    zf, m_sp, m_ch = _gates(z, z_lq, x_lq, o)
     z_lo = z_hi = zf
     if low_on:
-        mask = _pow(percentile_normalize((1.0 - m_sp) * residual_map(eps_hat)), o.low_gamma) * m_ch
-        z_lo = zf + o.low_gain * mask * butterworth_lowpass(zf, o.low_cut, o.low_order, o.radius)
+        mask, lp = _low_terms(zf, m_sp, m_ch, eps_hat, o)
+        z_lo = zf + o.low_gain * mask * lp
     if high_on:
-        delta = (butterworth_highpass(zf, o.high_cut, o.high_order, o.radius)
-                 - butterworth_highpass(z_lq, o.high_cut, o.high_order, o.radius))
-        z_hi = zf + o.high_gain * (_pow(m_sp, o.high_gamma) * (1.0 - m_ch)) * delta
+        mask, delta = _high_terms(zf, z_lq, m_sp, m_ch, o)
+        z_hi = zf + o.high_gain * mask * delta
     if low_on and high_on:
-        m = min(max(float(o.mix), 0.0), 1.0)
+        m = _mix(o)
         out = m * z_lo + (1.0 - m) * z_hi
     else:
         out = z_lo if low_on else z_hi
     return out.astype(z.dtype)
+
+
+def lfim_traced(z: jax.Array, z_lq: jax.Array, eps_hat: jax.Array, x_lq: jax.Array, low_gain: jax.Array | float,
+                high_gain: jax.Array | float, options: LFIMOptions = LFIMOptions()) -> jax.Array:
+    """:func:`lfim` with the two gains as (traced) scalars: one compiled program serves every gain, so a slider or a
+    sweep over the gains never recompiles. ``options``' own gains are ignored; its other fields stay static.
+
+    The branch selection of :func:`lfim` (a gain <= 0 disables its branch; both on: the ``mix``) is made at run
+    time with ``jnp.where``; when both gains are <= 0 a ``lax.cond`` returns ``z`` itself (same values, bit for
+    bit) without computing the edit.
+    """
+    o = options
+    lo = jnp.asarray(low_gain, jnp.float32)
+    hi = jnp.asarray(high_gain, jnp.float32)
+    low_on, high_on = lo > 0, hi > 0
+
+    def edit(z):
+        zf, m_sp, m_ch = _gates(z, z_lq, x_lq, o)
+        mask, lp = _low_terms(zf, m_sp, m_ch, eps_hat, o)
+        z_lo = zf + lo * mask * lp
+        mask, delta = _high_terms(zf, z_lq, m_sp, m_ch, o)
+        z_hi = zf + hi * mask * delta
+        m = _mix(o)
+        out = jnp.where(low_on & high_on, m * z_lo + (1.0 - m) * z_hi, jnp.where(low_on, z_lo, z_hi))
+        return out.astype(z.dtype)
+
+    return jax.lax.cond(low_on | high_on, edit, lambda z: z, z)
