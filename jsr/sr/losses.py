@@ -21,7 +21,8 @@ Formulas (``x0(z_t, eps, t) = (z_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``, ``s
   whose gradient w.r.t. ``z_hat`` is ``2 g / numel``.
 * ``fake_score_loss``: the LoRA fake score's diffusion loss on ``sg(z_hat)``, ``t' ~ U{0..999}``.
 * ``csd_loss`` (PiSA-SR): as VSD with ``t ~ U{20..499}`` and the frozen base only: ``x_fake`` is the
-  negative-prompt (unconditional branch) prediction of the same CFG call.
+  negative-prompt (unconditional branch) prediction of the same CFG call. FiDeSR's variant weights each element
+  by its DAW map and adds ``1e-6`` to ``w`` (``weight_map=``, ``w_eps=``).
 * ``dual_teacher_loss`` (CTSR Eq. 2-4, Alg. 1), ``control_loss`` (CTSR Eq. 5-9): see their docstrings.
 """
 
@@ -113,19 +114,27 @@ def cfg_eps(eps_fn: EpsFn, z_t: jax.Array, t: jax.Array, c: jax.Array, c_neg: ja
     return neg + scale * (pos - neg), neg
 
 
-def score_distillation(z_hat: jax.Array, x_real: jax.Array, x_fake: jax.Array) -> tuple[jax.Array, jax.Array]:
+def score_distillation(z_hat: jax.Array, x_real: jax.Array, x_fake: jax.Array, *,
+                       weight_map: jax.Array | None = None, w_eps: float = 0.0) -> tuple[jax.Array, jax.Array]:
     """DMD-form distribution-matching loss shared by VSD and CSD.
 
-    ``w = mean_{hwc} |z_hat - x_real|`` (per sample), ``g = (x_fake - x_real) / w``,
+    ``w = mean_{hwc} |z_hat - x_real| + w_eps`` (per sample), ``g = (x_fake - x_real) / w``,
     ``L = MSE(z_hat, sg(z_hat - g))``: numerically ``mean(g^2)``, gradient ``dL/dz_hat = 2 g / z_hat.size``.
-    ``x_real``/``x_fake`` are treated as constants. Returns ``(L, w [B])``.
+    ``x_real``/``x_fake`` are treated as constants. ``weight_map`` (FiDeSR's DAW weight on the latent grid,
+    [B, h, w, 1] or broadcastable, no gradient) multiplies each element's ``(z - sg(z - g))^2`` before the mean;
+    ``w_eps`` is FiDeSR's ``+ 1e-6`` on ``w`` (0: OSEDiff's and PiSA-SR's form). Returns ``(L, w [B])``.
     """
     z = z_hat.astype(jnp.float32)
     x_real = jax.lax.stop_gradient(x_real.astype(jnp.float32))
     x_fake = jax.lax.stop_gradient(x_fake.astype(jnp.float32))
     w = jnp.mean(jnp.abs(jax.lax.stop_gradient(z) - x_real), axis=tuple(range(1, z.ndim)), keepdims=True)
+    if w_eps:
+        w = w + w_eps
     g = (x_fake - x_real) / w
-    return _mse(z, jax.lax.stop_gradient(z - g)), w.reshape(-1)
+    if weight_map is None:
+        return _mse(z, jax.lax.stop_gradient(z - g)), w.reshape(-1)
+    diff = jnp.square(z - jax.lax.stop_gradient(z - g))
+    return jnp.mean(jax.lax.stop_gradient(weight_map).astype(jnp.float32) * diff), w.reshape(-1)
 
 
 def vsd_loss(z_hat: jax.Array, c: jax.Array, c_neg: jax.Array, rng: jax.Array, *, real_eps: EpsFn,
@@ -179,12 +188,14 @@ def fake_score_loss(z_hat: jax.Array, c: jax.Array, rng: jax.Array, *, fake_outp
 def csd_loss(z_hat: jax.Array, c: jax.Array, c_neg: jax.Array, rng: jax.Array, *, base_eps: EpsFn,
              schedule: DDPMSchedule, cfg_scale: float = 7.5, t_min: int = 20,
              t_max: int = 500, t: jax.Array | None = None,
-             noise: jax.Array | None = None) -> tuple[jax.Array, Parts]:
+             noise: jax.Array | None = None, weight_map: jax.Array | None = None,
+             w_eps: float = 0.0) -> tuple[jax.Array, Parts]:
     """PiSA-SR's classifier score distillation: VSD's form with the frozen base as both scores.
 
     ``x_real`` from the CFG-guided prediction (``cfg_scale`` against ``c_neg``), ``x_fake`` from the
     negative-prompt branch of the same call; ``t`` uniform over the integers in ``[t_min, t_max)``
-    (PiSA-SR: 0.02 and 0.5 of 1000). Returns ``(L_csd, {"csd", "csd_w", "csd_t"})``.
+    (PiSA-SR: 0.02 and 0.5 of 1000). ``weight_map``, ``w_eps``: FiDeSR's per-element weight and ``+ 1e-6``
+    (:func:`score_distillation`). Returns ``(L_csd, {"csd", "csd_w", "csd_t"})``.
     """
     t, noise = _draw(rng, z_hat.shape, t_min, t_max, t, noise)
     z0 = jax.lax.stop_gradient(z_hat.astype(jnp.float32))
@@ -192,7 +203,7 @@ def csd_loss(z_hat: jax.Array, c: jax.Array, c_neg: jax.Array, rng: jax.Array, *
     eps_real, eps_neg = cfg_eps(base_eps, z_t, t, c, c_neg, cfg_scale)
     x_real = sched.x0_from_eps(schedule, z_t, eps_real, t)
     x_fake = sched.x0_from_eps(schedule, z_t, eps_neg, t)
-    loss, w = score_distillation(z_hat, x_real, x_fake)
+    loss, w = score_distillation(z_hat, x_real, x_fake, weight_map=weight_map, w_eps=w_eps)
     return loss, {"csd": loss, "csd_w": jnp.mean(w), "csd_t": jnp.mean(t)}
 
 
