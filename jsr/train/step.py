@@ -11,6 +11,9 @@ stay as they were) and ``nonfinite`` counts it; the loop stops a run that keeps 
 
 Gradient accumulation: with ``accum_steps > 1`` the batch is split into that many micro-batches along its
 leading axis and their gradients are averaged (a ``lax.scan``, so memory is one micro-batch's).
+
+The step number: every loss sees ``batch["step"]``, the int32 count of completed steps (``state.step``, traced;
+FiDeSR's DAW ramps its weighting in with it). Scalars in the batch go to every micro-batch unchanged.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ def _all_finite(tree: Any) -> jax.Array:
 
 def _split_micro(batch: Mapping[str, jax.Array], n: int) -> Mapping[str, jax.Array]:
     def split(x):
+        if x.ndim == 0:  # a per-step scalar (the step number): the same for every micro-batch
+            return jnp.broadcast_to(x, (n,))
         if x.shape[0] % n:
             raise ValueError(f"batch of {x.shape[0]} does not split into {n} accumulation steps")
         return x.reshape((n, x.shape[0] // n) + x.shape[1:])
@@ -107,6 +112,7 @@ def make_train_step(updates: Sequence[Update], accum_steps: int = 1) -> Callable
 
     def step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array]):
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+        batch = {**batch, "step": state.step}
         params, opt_state = dict(state.params), dict(state.opt_state)
         metrics: dict[str, jax.Array] = {}
         carry = None
