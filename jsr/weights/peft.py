@@ -2,14 +2,16 @@
 
 Reading (:func:`load_peft_lora`) accepts:
 
-* **OSEDiff / PiSA-SR release files** (``osediff.pkl``, ``pisa_sr.pkl``: ``torch.save`` of a dict): per model a
+* **OSEDiff / PiSA-SR / FiDeSR release files** (``osediff.pkl``, ``pisa_sr.pkl``, FiDeSR's checkpoint:
+  ``torch.save`` of a dict): per model a
   ``state_dict_<model>`` (``unet``, ``vae``) holding the peft-wrapped model's raw ``state_dict()`` entries
   (``down_blocks.0.resnets.0.conv1.lora_A.default_encoder.weight``; OSEDiff also the fully trained
   ``conv_in.base_layer.weight/bias``), the target lists ``<model>_lora_<group>_modules[_<suffix>]`` and the rank
   ``rank_<model>`` (OSEDiff) or ``lora_rank_<model>_<suffix>`` (PiSA-SR). Neither sets ``lora_alpha``, so peft's
   default 8 applies. OSEDiff's three UNet adapters ``default_encoder/decoder/others`` cover disjoint layers with one
   rank and alpha and become one LoRA ``"unet"`` (plus ``"vae"``); PiSA-SR's ``*_pix`` and ``*_sem`` adapters become
-  ``"unet_pix"`` and ``"unet_sem"``.
+  ``"unet_pix"`` and ``"unet_sem"``. FiDeSR's file has OSEDiff's UNet layout (rank ``lora_rank_unet``, 8) plus an
+  ``lrrb_state_dict``: :func:`load_release` returns the LoRAs and such other entries from one read.
 * **Plain peft/diffusers files**: ``adapter_model.safetensors`` (+ ``adapter_config.json``), diffusers'
   ``pytorch_lora_weights.safetensors`` (config in the file's ``lora_adapter_metadata``), or ``.bin``/``.pt``; keys
   in ``get_peft_model_state_dict`` form (``[base_model.model.]<module>.lora_A.weight``, optionally behind a
@@ -107,16 +109,44 @@ def load_peft_lora(path: str | os.PathLike, rank: int | None = None, alpha: floa
                 "so lora_alpha is unknown: pass alpha= (peft's LoraConfig default is 8; diffusers/kohya files "
                 "without alphas mean alpha = rank)")
         loras = _from_state(obj, file, rank, alpha, config or {}, model=None)
-    if params is not None:
-        for name, lora in loras.items():
-            model = next((m for m in sorted(params, key=len, reverse=True)
-                          if name == m or name.startswith(m + "_")), None)
-            if model is not None:
-                try:
-                    L.check(lora, params[model])
-                except L.LoRAMismatchError as e:
-                    raise L.LoRAMismatchError(f"{file}: LoRA {name!r}: {e}") from None
+    _check_params(loras, params, file)
     return loras
+
+
+def load_release(path: str | os.PathLike, rank: int | None = None, alpha: float | None = None, *,
+                 params: Mapping[str, Any] | None = None) -> tuple[dict[str, L.LoRA], dict[str, Any]]:
+    """A release ``torch.save`` dict (OSEDiff/PiSA-SR layout) read once: ``(loras, rest)``.
+
+    ``loras`` are what :func:`load_peft_lora` returns for the file (same ``rank``/``alpha``/``params``
+    handling); ``rest`` holds every other entry of the dict (target lists, ranks, and the method-specific ones
+    such as FiDeSR's ``lrrb_state_dict``), tensors as numpy arrays, for the method that knows them.
+
+    Raises:
+      PeftFormatError if the file is not such a dict (no ``state_dict_<model>`` entry), or as load_peft_lora.
+    """
+    file = Path(path)
+    obj = _read_any(file)
+    if not _is_release(obj):
+        raise PeftFormatError(f"{file}: not a release checkpoint (a torch.save dict with state_dict_<model> "
+                              "entries)")
+    loras = _from_release(obj, file, rank, alpha)
+    _check_params(loras, params, file)
+    rest = {k: v for k, v in obj.items() if not (isinstance(k, str) and k.startswith("state_dict_"))}
+    return loras, rest
+
+
+def _check_params(loras: Mapping[str, L.LoRA], params: Mapping[str, Any] | None, file: Path) -> None:
+    """Each LoRA named ``<model>`` or ``<model>_*`` must fit ``params[model]``."""
+    if params is None:
+        return
+    for name, lora in loras.items():
+        model = next((m for m in sorted(params, key=len, reverse=True)
+                      if name == m or name.startswith(m + "_")), None)
+        if model is not None:
+            try:
+                L.check(lora, params[model])
+            except L.LoRAMismatchError as e:
+                raise L.LoRAMismatchError(f"{file}: LoRA {name!r}: {e}") from None
 
 
 def _locate(path: Path) -> tuple[Path, dict | None]:
