@@ -61,9 +61,12 @@ def test_knob_parse_check_and_errors():
     with pytest.raises(ValueError, match="must be one of"):
         Knob("mode", str, "a", "x", choices=("a", "b")).parse("c")
     ctsr = jsr.methods.get("ctsr")
-    assert ctsr.knob_values({"t": 0.3}) == {"t": 0.3, "t_steps": 0, "t_scale": 999.0}
-    assert ctsr.honoured_knobs(("unet",)) == () and ctsr.honoured_knobs(("unet", "control")) == ("t", "t_steps",
-                                                                                                   "t_scale")
+    from jsr.methods.lfim_knobs import LFIM_KNOB_NAMES  # LFIM acts on any CTSR model (no role needed)
+
+    lfim = {k: v for k, v in ctsr.knob_values().items() if k in LFIM_KNOB_NAMES}
+    assert ctsr.knob_values({"t": 0.3}) == {"t": 0.3, "t_steps": 0, "t_scale": 999.0, **lfim}
+    assert ctsr.honoured_knobs(("unet",)) == LFIM_KNOB_NAMES
+    assert ctsr.honoured_knobs(("unet", "control")) == ("t", "t_steps", "t_scale") + LFIM_KNOB_NAMES
 
 
 def test_check_options_names_what_a_knob_needs():
@@ -309,3 +312,37 @@ def base():
     from jsr.sr.base import load_base
 
     return load_base("", dtype=jnp.float32)
+
+
+class _ImageContext(Method):
+    """forward: z + mean(c) per sample; context: the prompt shifted by each image's mean (an image-conditioned
+    context, as RCOD's visual prompts)."""
+
+    name = "ctx_probe"
+    roles = {}
+
+    def context(self, models, trees, x_lq, c, knobs):
+        return c + jnp.mean(x_lq, axis=(1, 2, 3))[:, None, None]
+
+    def forward(self, models, unet_params, trees, z_lq, c, knobs):
+        return z_lq + jnp.mean(c, axis=(1, 2))[:, None, None, None]
+
+
+def test_whole_image_context_reaches_every_tile(base):
+    """A method's context() runs once per whole image and every latent tile of that image gets it, also when
+    tiles of several images are batched together (tiles_per_call)."""
+    from jsr.methods.restorer import load_restorer
+
+    jsr.methods.register(_ImageContext)
+    r = load_restorer(base, [], method="ctx_probe")
+    assert r.context is not None
+    x = np.stack([np.full((128, 128, 3), 0.2, np.float32), np.full((128, 128, 3), 0.9, np.float32)])
+    x[:, ::7] = 0.5  # not flat: the VAE output varies over the image
+    opts = dict(color_fix="none", vae_tile=0)
+    whole = r(x, RestoreOptions(**opts))
+    tiled = r(x, RestoreOptions(latent_tile=8, latent_overlap=4, tiles_per_call=3, **opts))
+    np.testing.assert_allclose(tiled, whole, atol=1e-5)  # a per-pixel step: tiling is exact up to blending
+    shift = jnp.mean(base.prompts([""])) + x.mean(axis=(1, 2, 3))
+    assert abs(shift[0] - shift[1]) > 0.5  # the two images really got different contexts
+    plain = load_restorer(base, [], method="osediff")
+    assert plain.context is None

@@ -233,6 +233,19 @@ class Method:
         ``uses_image`` also gets ``x_lq=`` [B, 8h, 8w, 3] in [-1, 1], the upscaled LQ pixels under ``z_lq``."""
         raise NotImplementedError(f"{type(self).__name__}.forward")
 
+    def context(self, models: Any, trees: Mapping[str, Any], x_lq: jax.Array, c: jax.Array,
+                knobs: Mapping[str, Any]) -> jax.Array:
+        """The cross-attention context of a batch of *whole* LQ images ``x_lq`` [B, H, W, 3] in [-1, 1] (upscaled
+        to the output size), given the prompt embeddings ``c`` [1 or B, L, D]: run once per image before the
+        latent step is tiled, and handed to :meth:`forward` as its ``c`` (tiles of one image share it). Default:
+        ``c``, the text prompt. A method that conditions on the image itself (visual prompt tokens, [B, L', D])
+        overrides it."""
+        return c
+
+    def has_context(self) -> bool:
+        """Whether this method overrides :meth:`context`."""
+        return type(self).context is not Method.context
+
     def encoder_lora(self, trees: Mapping[str, Any]) -> Any:
         """The VAE-encoder LoRA inference encodes with (default: the ``vae`` role, if present)."""
         return trees.get("vae")

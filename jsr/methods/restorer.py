@@ -100,6 +100,7 @@ def pick_method(method: str, source: Source) -> Method:
 
 
 _FORWARD: dict[str, Callable] = {}
+_CONTEXT: dict[str, Callable] = {}
 _ENCODE = jax.jit(lambda models, vae_params, lora, x: gen.encode(models, vae_params, x, lora), static_argnums=0)
 _DECODE = jax.jit(lambda models, vae_params, z: gen.decode(models, vae_params, z), static_argnums=0)
 
@@ -117,6 +118,16 @@ def jitted_forward(method: Method) -> Callable:
 
         _FORWARD[method.name] = jax.jit(step, static_argnums=(0, 6))
     return _FORWARD[method.name]
+
+
+def jitted_context(method: Method) -> Callable:
+    """``f(models, trees, x, c, traced_knobs, static_knobs)``: the method's whole-image context, jitted once."""
+    if method.name not in _CONTEXT:
+        def ctx(models, trees, x, c, traced, static):
+            return method.context(models, trees, x, c, {**traced, **dict(static)})
+
+        _CONTEXT[method.name] = jax.jit(ctx, static_argnums=(0, 5))
+    return _CONTEXT[method.name]
 
 
 def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
@@ -164,8 +175,15 @@ def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Seq
     def decode(z):
         return _DECODE(models, vp, z)
 
-    def latent(z, opts: RestoreOptions):
+    def context(x, opts: RestoreOptions):
         traced, static = split_knobs(m, {**defaults, **opts.knobs})
+        return jitted_context(m)(models, trees, jnp.asarray(x), c, traced, static)
+
+    def latent(z, opts: RestoreOptions, ctx=None):
+        traced, static = split_knobs(m, {**defaults, **opts.knobs})
+        cz = c
+        if ctx is not None:  # one context per image; a batch of tiles stacks the images' tiles tile by tile
+            cz = jnp.tile(ctx, (z.shape[0] // ctx.shape[0], 1, 1)) if ctx.shape[0] != z.shape[0] else ctx
         x_lq = None
         if m.uses_image:
             f = int(round((z.shape[-1] - 4) / 3) ** 0.5)
@@ -173,12 +191,12 @@ def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Seq
             x_lq = (jnp.asarray(z[..., 4:]).reshape(b, h, w, f, f, 3).transpose(0, 1, 3, 2, 4, 5)
                     .reshape(b, h * f, w * f, 3))
             z = z[..., :4]
-        return forward(models, up, trees, z, c, traced, static, x_lq)
+        return forward(models, up, trees, z, cz, traced, static, x_lq)
 
     factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
     return Restorer(encode=encode, latent=latent, decode=decode, method=m.name, knobs=honoured, factor=factor,
                     tiled_vae=TiledVAE(models, vp, vae_lora), knob_defaults=defaults, uses_image=m.uses_image,
-                    label=m.label)
+                    label=m.label, context=context if m.has_context() else None)
 
 
 def check_options(restorer: Restorer, opts: RestoreOptions) -> None:

@@ -117,7 +117,9 @@ class Restorer:
     VAE on large images (:class:`jsr.sr.staged_tiling.TiledVAE`); without one (stand-in maps)
     ``encode``/``decode`` are tiled by blending (``jsr.sr.tiling``), exact only for local maps. ``uses_image``:
     the latent step also reads the LQ pixels (see the module docstring, step 4). ``label``: the model's name in
-    tables (default: the method name).
+    tables (default: the method name). ``context``: ``(x [B, H, W, 3] in [-1, 1], options) -> ctx``, computed
+    once on the whole (padded) images and passed to ``latent(z, options, ctx)`` for every tile (a method whose
+    cross-attention context comes from the image); ``None``: ``latent(z, options)``.
     """
 
     encode: EncodeFn
@@ -130,6 +132,7 @@ class Restorer:
     knob_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     uses_image: bool = False
     label: str = ""
+    context: Callable[[Any, "RestoreOptions"], Any] | None = None
 
     def __call__(self, x_up: np.ndarray, opts: RestoreOptions = RestoreOptions()) -> np.ndarray:
         """Restore a batch of upscaled LQ images [B, H, W, 3] in [0, 1] (any H, W) -> SR [B, H, W, 3] in [0, 1]
@@ -145,8 +148,12 @@ class Restorer:
             f = self.factor
             px = x.reshape(b, h, f, w, f, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, f * f * 3)
             z = np.concatenate([z, px.astype(np.float32)], axis=-1)
-        z = tiling.tiled_map(lambda zt: self.latent(zt, opts), z, opts.latent_tile, opts.latent_overlap,
-                             tiles_per_call=opts.tiles_per_call)
+        if self.context is None:
+            step = lambda zt: self.latent(zt, opts)  # noqa: E731
+        else:
+            ctx = self.context(x, opts)
+            step = lambda zt: self.latent(zt, opts, ctx)  # noqa: E731
+        z = tiling.tiled_map(step, z, opts.latent_tile, opts.latent_overlap, tiles_per_call=opts.tiles_per_call)
         y = self._decode(z, opts)
         y = (np.clip(tiling.crop_to(y, size), -1.0, 1.0) + 1.0) / 2.0
         return np.asarray(colorfix.color_fix(y, x_up, opts.color_fix, clip=True), np.float32)

@@ -95,6 +95,7 @@ def make_preview(method: Method, models: Any):
 
     def preview(params, frozen, x_lq, c):
         trees = method.inference_trees(params, frozen)
+        c = method.context(models, trees, x_lq, c, {**traced, **dict(static)})
         z = generator.encode(models, frozen["vae"], x_lq, method.encoder_lora(trees))
         extra = {"x_lq": x_lq} if method.uses_image else {}
         z = method.forward(models, frozen["unet"], trees, z, c, {**traced, **dict(static)}, **extra)
