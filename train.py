@@ -35,4 +35,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from jsr.cli import run
+
+    run(main)
