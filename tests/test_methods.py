@@ -346,3 +346,13 @@ def test_whole_image_context_reaches_every_tile(base):
     assert abs(shift[0] - shift[1]) > 0.5  # the two images really got different contexts
     plain = load_restorer(base, [], method="osediff")
     assert plain.context is None
+
+
+def test_null_prompt_ratio_drops_prompts_by_step():
+    from jsr.train.loop import step_prompts
+
+    p = [f"photo {i}" for i in range(64)]
+    assert step_prompts(p, 0.0, 0, 5) == p and step_prompts(p, 1.0, 0, 5) == [""] * 64
+    half = step_prompts(p, 0.5, 0, 5)
+    assert half == step_prompts(p, 0.5, 0, 5) != step_prompts(p, 0.5, 0, 6)  # fixed by (seed, step): resumable
+    assert 16 < half.count("") < 48 and all(a in ("", b) for a, b in zip(half, p))

@@ -88,6 +88,15 @@ def _frozen_shardings(frozen: dict, base, mesh, shard: bool,
     return out
 
 
+def step_prompts(prompts: list[str], null_ratio: float, seed: int, step: int) -> list[str]:
+    """The prompts a step trains on: each replaced by ``""`` with probability ``null_ratio`` (PiSA-SR and FiDeSR
+    train with 0.5: the model also learns to restore without a prompt). Drawn from ``(seed, step)``, so a resumed
+    run drops the same ones."""
+    if not null_ratio:
+        return prompts
+    return drop_prompts(prompts, null_ratio, np.random.default_rng([seed, step]))
+
+
 def make_preview(method: Method, models: Any):
     """``preview(params, frozen, x_lq [-1, 1], c) -> x_sr [-1, 1]``: the method's own one-step forward (at its
     ``preview_knobs``) between the VAE encode and decode, on a training state."""
@@ -188,9 +197,7 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
             batch = next(it)
             if step in tuple(config.debug.nan_steps):
                 batch = dict(batch, hq=np.full_like(batch["hq"], np.nan))
-            prompts = list(batch["prompt"])
-            if null_ratio:  # PiSA-SR/FiDeSR: a share of empty prompts; seeded by step, so a resume sees the same
-                prompts = drop_prompts(prompts, null_ratio, np.random.default_rng([config.seed, step]))
+            prompts = step_prompts(list(batch["prompt"]), null_ratio, config.seed, step)
             host = {"hq": batch["hq"], "lq": batch["lq"], "c": np.asarray(base.prompts(prompts))}
             device_batch = shard_batch(host, mesh)
             phase, updates = setup.updates_at(step)
