@@ -251,9 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("processing")
     g.add_argument("--upscale", type=float, default=4.0, help="output size / input size (bicubic pre-upscale)")
     g.add_argument("--color_fix", "--color-fix", choices=colorfix.METHODS, default="adain")
-    g.add_argument("--latent_tile", "--latent-tile", type=int, default=96, help="UNet tile size in latent pixels (x8 in the image)")
-    g.add_argument("--latent_overlap", "--latent-overlap", type=int, default=32, help="UNet tile overlap in latent pixels")
-    g.add_argument("--vae_tile", "--vae-tile", type=int, default=1024, help="VAE tile size in output pixels (0: never tile)")
+    g.add_argument("--latent_tile", "--latent-tile", type=int, default=96,
+                   help="UNet tile size in latent pixels (x8 in the image)")
+    g.add_argument("--latent_overlap", "--latent-overlap", type=int, default=32,
+                   help="UNet tile overlap in latent pixels")
+    g.add_argument("--vae_tile", "--vae-tile", type=int, default=1024,
+                   help="VAE tile size in output pixels (0: never tile)")
     g.add_argument("--vae_overlap", "--vae-overlap", type=int, default=RestoreOptions.vae_overlap,
                    help="VAE tile overlap in output pixels (half of it is each tile's context)")
     g.add_argument("--tiles_per_call", "--tiles-per-call", type=int, default=1, help="tiles batched per UNet/VAE call")
@@ -262,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--output", "-o", help="output folder (default: next to each input)")
     g.add_argument("--suffix", default="_sr", help="appended to each output's file stem (default _sr)")
     g.add_argument("--ext", default="png", choices=("png", "jpg", "webp", "bmp", "tif"), help="output format")
-    g.add_argument("--skip_existing", "--skip-existing", action="store_true", help="leave inputs whose output exists alone")
+    g.add_argument("--skip_existing", "--skip-existing", action="store_true",
+                   help="leave inputs whose output exists alone")
     g.add_argument("--no_progress", "--no-progress", action="store_true", help="no progress bar")
     return p
 

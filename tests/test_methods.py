@@ -215,8 +215,8 @@ def test_osediff_losses_equal_the_direct_composition(base, batch):
                              t_min=c.loss.vsd_t_min, t_max=c.loss.vsd_t_max)
     _eq(got, rec + c.loss.vsd * vsd)
     fake_got, _ = fake.loss(p, f, batch, jax.random.key(6), carry)
-    fake_want, _ = losses.fake_score_loss(z_hat, batch["c"], jax.random.key(6), fake_output=net(p["fake"]["unet"]).output,
-                                          schedule=m.schedule)
+    fake_want, _ = losses.fake_score_loss(z_hat, batch["c"], jax.random.key(6),
+                                          fake_output=net(p["fake"]["unet"]).output, schedule=m.schedule)
     _eq(fake_got, fake_want)
     # the one-step forward (inference and previews) is OSEDiff's latent step
     z = generator.encode(m, f["vae"], x_lq, p["gen"]["vae"])
@@ -275,8 +275,9 @@ def test_ctsr_losses_and_forward_equal_the_direct_composition(base, batch, tmp_p
     s1 = f2["stage1"]
     z_lq = generator.encode(m, f2["vae"], x_lq, s1["vae"])
     z0 = generator.osediff_latent(m, f2["unet"], s1["unet"], z_lq, batch["c"])
-    want, _ = losses.control_loss(z0, batch["c"], rng, teacher_eps=generator.ctsr_student(m, f2["unet"], s1["unet"], None).eps,
-                                  student_eps=generator.ctsr_student(m, f2["unet"], s1["unet"], ctl["control"]["unet"]).eps,
+    teacher = generator.ctsr_student(m, f2["unet"], s1["unet"], None)
+    student = generator.ctsr_student(m, f2["unet"], s1["unet"], ctl["control"]["unet"])
+    want, _ = losses.control_loss(z0, batch["c"], rng, teacher_eps=teacher.eps, student_eps=student.eps,
                                   t_scale=c2.ctsr.t_scale)
     _eq(got, want)
     method = jsr.methods.get("ctsr")

@@ -186,7 +186,7 @@ def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Seq
             cz = jnp.tile(ctx, (z.shape[0] // ctx.shape[0], 1, 1)) if ctx.shape[0] != z.shape[0] else ctx
         x_lq = None
         if m.uses_image:
-            f = int(round((z.shape[-1] - 4) / 3) ** 0.5)
+            f = int(round(((z.shape[-1] - 4) // 3) ** 0.5))  # 8x8x3 pixel channels per latent
             b, h, w, _ = z.shape
             x_lq = (jnp.asarray(z[..., 4:]).reshape(b, h, w, f, f, 3).transpose(0, 1, 3, 2, 4, 5)
                     .reshape(b, h * f, w * f, 3))
