@@ -332,9 +332,12 @@ def test_evaluate_py_refuses_controls_the_model_ignores(tmp_path, tiny_env):
     another command line's flag; --t_steps alone
     (no --t) is refused the same way, as an error before any image is restored, not a traceback."""
     lq, hq = _pairs(tmp_path / "p", [("a", 4, 4)])
-    for arg, msg in (("--t=0.5", "error: osediff model ignores t (its knobs: none); t needs a CTSR control LoRA "
-                                 "(stage 2)\n"),
-                     ("--t_steps=2", "error: osediff model ignores t_steps (its knobs: none); t_steps needs a "
+    from jsr.methods.lfim_knobs import LFIM_KNOB_NAMES  # an OSEDiff model's only knobs: FiDeSR's LFIM
+
+    have = ", ".join(LFIM_KNOB_NAMES)
+    for arg, msg in (("--t=0.5", f"error: osediff model ignores t (its knobs: {have}); t needs a CTSR control "
+                                 "LoRA (stage 2)\n"),
+                     ("--t_steps=2", f"error: osediff model ignores t_steps (its knobs: {have}); t_steps needs a "
                                      "CTSR control LoRA (stage 2)\n")):
         proc = subprocess.run([sys.executable, "evaluate.py", "--model=", f"--dataset=X:lq={lq},hq={hq}", arg,
                                f"--out={tmp_path / 'o'}", "--pyiqa=none", "--noprogress"], cwd=REPO, env=tiny_env,

@@ -212,7 +212,9 @@ def test_ctsr_control_t0_is_stage1_and_t_moves_output(tiny_sd, base):
     ctsr = load_restorer(base, [lo["stage1"], lo["vae"], f"control={lo['control']}"])
     stage1 = load_restorer(base, [lo["stage1"], lo["vae"]])
     assert (ctsr.method, stage1.method) == ("ctsr", "osediff")
-    assert ctsr.knobs == ("t", "t_steps", "t_scale") and stage1.knobs == ()
+    from jsr.methods.lfim_knobs import LFIM_KNOB_NAMES  # FiDeSR's LFIM: every residual-form method takes it
+
+    assert ctsr.knobs == ("t", "t_steps", "t_scale") + LFIM_KNOB_NAMES and stage1.knobs == LFIM_KNOB_NAMES
     x = _lq(0)
     opts = dict(color_fix="none", vae_tile=0)
     y0 = ctsr(x, infer.RestoreOptions(knobs={"t": 0.0}, **opts))
@@ -231,7 +233,7 @@ def test_lora_roles_and_methods(tiny_sd, base):
     with pytest.raises(ValueError, match="does not use the control"):
         load_restorer(base, [lo["stage1"], f"control={lo['control']}"], method="osediff")
     pisa = load_restorer(base, [lo["stage1"], f"sem={lo['control']}"])
-    assert pisa.method == "pisasr" and pisa.knobs == ("lambda_pix", "lambda_sem")
+    assert pisa.method == "pisasr" and pisa.knobs[:2] == ("lambda_pix", "lambda_sem")
 
 
 def test_real_model_tiled_vs_untiled(tiny_sd, base):

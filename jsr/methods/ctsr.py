@@ -19,7 +19,9 @@ random LoRAs stand in for the teachers.
 
 Inference: the stage-1 student (``unet``, ``vae``) and, after stage 2, the ``control`` LoRA; knobs ``t`` (the
 control), ``t_steps`` (Euler steps of the learned flow), ``t_scale`` (UNet timestep = t * t_scale, recorded by
-stage 2's export). ``t = 0`` reproduces the stage-1 output exactly.
+stage 2's export). ``t = 0`` reproduces the stage-1 output exactly. FiDeSR's LFIM acts on the implied residual
+``z_L - z(t)`` (:mod:`jsr.methods.lfim_knobs`; gains 0 by default), so CTSR has two controls at once, ``t`` and
+the LFIM gains: no published method combines them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import ml_collections
 
 from jsr.methods import common, registry
 from jsr.methods.api import ExportEntry, Knob, Method, TrainSetup, Update
+from jsr.methods.lfim_knobs import LFIM_KNOBS, apply_lfim
 from jsr.models import lora as L
 from jsr.sr import generator, losses
 from jsr.sr.teachers import restorer_teacher
@@ -69,7 +72,8 @@ class CTSR(Method):
         Knob("t_scale", float, 999.0, "CTSR: UNet timestep = t * t_scale; must match stage-2 training "
              "(recorded in its export)", min=1.0, max=1000.0, static=True, needs="control",
              needs_text=_NEEDS_CONTROL),
-    )
+    ) + LFIM_KNOBS
+    uses_image = True  # LFIM's spatial gate reads the LQ pixels
     preview_knobs = {"t": 0.5}
 
     def config(self):
@@ -77,12 +81,13 @@ class CTSR(Method):
             stage=1, realism="", fidelity="", fidelity_kind="lora", stage1="", g_time=5.5, fl_weight=2.0,
             rn_weight=1.0, t_min=20, t_max=980, t_scale=999.0))
 
-    def forward(self, models, unet_params, trees, z_lq, c, knobs):
+    def forward(self, models, unet_params, trees, z_lq, c, knobs, x_lq=None):
         c = generator.broadcast_prompt(c, z_lq.shape[0])  # one prompt for the batch (of images or tiles)
-        z0 = registry.get("osediff").forward(models, unet_params, trees, z_lq, c, {})
+        z0 = registry.get("osediff").forward(models, unet_params, trees, z_lq, c, {})  # {}: no LFIM on z0
         student = generator.ctsr_student(models, unet_params, trees.get("unet"), trees.get("control"))
-        return generator.control_latent(z0, knobs["t"], c, student_eps=student.eps, t_scale=knobs["t_scale"],
-                                        steps=knobs["t_steps"])
+        z = generator.control_latent(z0, knobs["t"], c, student_eps=student.eps, t_scale=knobs["t_scale"],
+                                     steps=knobs["t_steps"])
+        return apply_lfim(z, z_lq, None, x_lq, knobs)
 
     def inference_trees(self, params, frozen):
         if "student" in params:

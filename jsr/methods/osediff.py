@@ -9,8 +9,9 @@ LoRA}; with VSD also ``fake`` {the fake score's UNet LoRA}, updated after the ge
 ``fidelity``   ``gen``: L_rec only (no VSD): a model close to the ground truth, CTSR's fidelity teacher
 =============  ===================================================================================================
 
-Inference trees: ``unet`` (the generator LoRA) and ``vae`` (its encoder LoRA); no knobs. The release file is
-OSEDiff's ``osediff.pkl`` (``jsr.weights.peft`` reads it).
+Inference trees: ``unet`` (the generator LoRA) and ``vae`` (its encoder LoRA). Knobs: FiDeSR's LFIM on the
+implied residual ``z_L - z`` (:mod:`jsr.methods.lfim_knobs`; gains 0 by default: the plain OSEDiff output). The
+release file is OSEDiff's ``osediff.pkl`` (``jsr.weights.peft`` reads it).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import jax
 
 from jsr.methods import common, registry
 from jsr.methods.api import ExportEntry, Method, TrainSetup, Update
+from jsr.methods.lfim_knobs import LFIM_KNOBS, apply_lfim
 from jsr.models import lora as L
 from jsr.sr import generator, losses
 
@@ -32,10 +34,13 @@ class OSEDiff(Method):
     name = "osediff"
     label = "OSEDiff"
     roles = {"unet": "generator UNet LoRA (+ full conv_in)", "vae": "VAE-encoder LoRA"}
+    knobs = LFIM_KNOBS
+    uses_image = True  # LFIM's spatial gate reads the LQ pixels
     use_vsd = True
 
-    def forward(self, models, unet_params, trees, z_lq, c, knobs):
-        return generator.osediff_latent(models, unet_params, trees.get("unet"), z_lq, c)
+    def forward(self, models, unet_params, trees, z_lq, c, knobs, x_lq=None):
+        z = generator.osediff_latent(models, unet_params, trees.get("unet"), z_lq, c)
+        return apply_lfim(z, z_lq, None, x_lq, knobs)
 
     def inference_trees(self, params, frozen):
         return dict(params["gen"])

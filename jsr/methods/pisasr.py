@@ -4,7 +4,8 @@ Generator (``jsr.sr.generator.pisasr_latent``) on the base VAE (no VAE LoRA): ``
 ``eps = lp eps_pix + ls (eps_pix+sem - eps_pix)``; ``lp = ls = 1`` is one UNet call with both LoRAs stacked.
 Training phases: steps ``< pisasr.pixel_steps`` update ``pix`` on ``l2 MSE``; later steps update ``sem`` on
 ``l2 MSE + LPIPS + l_csd CSD`` (CSD: t in [20, 500), CFG 7.5, the frozen base only) with ``pix`` frozen.
-Knobs: ``lambda_pix``, ``lambda_sem`` (PiSA-SR's adjustable inference). Release file: ``pisa_sr.pkl``
+Knobs: ``lambda_pix``, ``lambda_sem`` (PiSA-SR's adjustable inference) and FiDeSR's LFIM on the residual
+``z_L - z`` (:mod:`jsr.methods.lfim_knobs`; gains 0 by default). Release file: ``pisa_sr.pkl``
 (``unet_pix``/``unet_sem`` adapters; ``jsr.weights.peft`` reads it).
 """
 
@@ -15,6 +16,7 @@ import ml_collections
 
 from jsr.methods import common, registry
 from jsr.methods.api import ExportEntry, Knob, Method, TrainSetup, Update
+from jsr.methods.lfim_knobs import LFIM_KNOBS, apply_lfim
 from jsr.models import lora as L
 from jsr.sr import generator, losses
 
@@ -29,7 +31,8 @@ class PiSASR(Method):
              needs_text="a PiSA-SR model"),
         Knob("lambda_sem", float, 1.0, "PiSA-SR semantic guidance weight", min=0.0, max=10.0, needs="sem",
              needs_text="a PiSA-SR semantic LoRA"),
-    )
+    ) + LFIM_KNOBS
+    uses_image = True  # LFIM's spatial gate reads the LQ pixels
 
     def config(self):
         return ml_collections.ConfigDict(dict(pixel_steps=4000))
@@ -42,7 +45,10 @@ class PiSASR(Method):
             roles["pix"] = roles.pop("unet")
         return roles
 
-    def forward(self, models, unet_params, trees, z_lq, c, knobs):
+    def forward(self, models, unet_params, trees, z_lq, c, knobs, x_lq=None):
+        return apply_lfim(self._latent(models, unet_params, trees, z_lq, c, knobs), z_lq, None, x_lq, knobs)
+
+    def _latent(self, models, unet_params, trees, z_lq, c, knobs):
         pix, sem = trees.get("pix"), trees.get("sem")
         lp, ls = knobs["lambda_pix"], knobs["lambda_sem"]
         if sem is None:
