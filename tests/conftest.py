@@ -11,8 +11,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A fresh cache per session (never the user's ~/.cache/jsr, which an older jsr may have written): the tiny SD
 # folder is written once (~1 min on 2 cores) instead of once per test module, and programs compiled by one test
 # (the tiny restorer, train steps) are reused by later tests and by train.py / evaluate.py subprocesses.
-_SESSION_CACHE = tempfile.mkdtemp(prefix="jsr-tests-")
-atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
+# With pytest-xdist the controller makes the folder and its workers (which inherit its environment) share it: the
+# tiny model is written once (atomically, jsr.weights.tiny) and every worker reads the others' compiled programs.
+if "JSR_TEST_SESSION_CACHE" in os.environ:
+    _SESSION_CACHE = os.environ["JSR_TEST_SESSION_CACHE"]
+else:
+    _SESSION_CACHE = tempfile.mkdtemp(prefix="jsr-tests-")
+    os.environ["JSR_TEST_SESSION_CACHE"] = _SESSION_CACHE
+    atexit.register(shutil.rmtree, _SESSION_CACHE, ignore_errors=True)
 os.environ["JSR_CACHE"] = os.path.join(_SESSION_CACHE, "models")
 os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(_SESSION_CACHE, "xla")
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "1"
