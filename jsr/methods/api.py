@@ -231,7 +231,7 @@ class Method:
         -> output latents [B, h, w, 4] float32. ``trees`` by role (missing optional roles absent); ``knobs``
         holds every knob (static ones as Python values, others as float32/int32 scalars). A method with
         ``uses_image`` also gets ``x_lq=`` [B, 8h, 8w, 3] in [-1, 1], the upscaled LQ pixels under ``z_lq``."""
-        raise NotImplementedError(f"{type(self).__name__}.forward")
+        raise TypeError(f"method {self.name or type(self).__name__} defines no forward (every method must)")
 
     def context(self, models: Any, trees: Mapping[str, Any], x_lq: jax.Array, c: jax.Array,
                 knobs: Mapping[str, Any]) -> jax.Array:
