@@ -58,3 +58,20 @@ def standin_restorer(seed: int = 0, method: str = "standin"):
     return infer.Restorer(encode, lambda z, opts: latent_t(z, jnp.float32(opts.knobs.get("t", 0.0))), decode,
                           method=method, label={"ctsr": "CTSR"}.get(method, method),
                           knobs=("t",))
+
+
+def osediff_unet_groups(names):
+    """OSEDiff's UNet target rule (FiDeSR uses the same), written out as an oracle for the LoRA tests: skip names
+    with 'bias'/'norm'; a name containing one of the patterns is 'encoder' (down_blocks/conv_in), 'decoder'
+    (up_blocks/conv_out) or 'others'. Returns ``{group: [module names]}``."""
+    from jsr.models import lora as L
+
+    out = {g: [] for g in ("encoder", "decoder", "others")}
+    for n in names:
+        if "bias" in n or "norm" in n or not any(p in n for p in L.UNET_PATTERNS):
+            continue
+        g = ("encoder" if ("down_blocks" in n or "conv_in" in n) else
+             "decoder" if ("up_blocks" in n or "conv_out" in n) else "others")
+        out[g].append(n.removesuffix(".weight"))
+    return out
+

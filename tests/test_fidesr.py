@@ -34,24 +34,11 @@ from jsr.methods.restorer import load_restorer
 from jsr.models import lora as L
 from jsr.models.lrrb import LRRBConfig, init_lrrb_params, lrrb_to_torch
 from jsr.sr import generator, infer, lfim
-from tests.helpers import randomise_torch, rel_error
+from tests.helpers import osediff_unet_groups, randomise_torch, rel_error
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ("encoder", "decoder", "others")
 STEPS = 30
-
-
-def _groups(names):
-    """FiDeSR's (= OSEDiff's) UNet target rule, written out: no 'bias'/'norm'; a pattern inside the name; the
-    adapter by down_blocks/conv_in, up_blocks/conv_out, else others."""
-    out = {g: [] for g in GROUPS}
-    for n in names:
-        if "bias" in n or "norm" in n or not any(p in n for p in L.UNET_PATTERNS):
-            continue
-        g = ("encoder" if ("down_blocks" in n or "conv_in" in n) else
-             "decoder" if ("up_blocks" in n or "conv_out" in n) else "others")
-        out[g].append(n.removesuffix(".weight"))
-    return out
 
 
 def _lq(seed=0, size=16):
@@ -76,7 +63,7 @@ def release(base, tmp_path_factory):
     from tests.test_fidesr_blocks import _torch_lrrb  # the release's LRRB in plain torch
 
     unet = diffusers.UNet2DConditionModel.from_pretrained(base.path / "unet").eval()
-    lists = _groups([n for n, _ in unet.named_parameters()])
+    lists = osediff_unet_groups([n for n, _ in unet.named_parameters()])
     for g in GROUPS:
         unet.add_adapter(peft.LoraConfig(r=8, init_lora_weights="gaussian", target_modules=lists[g]),
                          adapter_name=f"default_{g}")

@@ -17,7 +17,7 @@ from jsr.models import lora as L
 from jsr.weights import peft as P
 from jsr.weights.unet import load_unet, save_unet
 from jsr.weights.vae import VAE_INDEXED, load_vae
-from tests.helpers import rel_error as _rel, randomise_torch as _randomise
+from tests.helpers import osediff_unet_groups, randomise_torch as _randomise, rel_error as _rel
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -35,19 +35,6 @@ VAE_CONFIG = dict(
     layers_per_block=1, norm_num_groups=8, sample_size=16, scaling_factor=0.18215,
 )
 GROUPS = ("encoder", "decoder", "others")
-
-
-def _osediff_unet_groups(names):
-    """OSEDiff's UNet target rule, written out as the oracle: skip names with 'bias'/'norm'; a name containing one
-    of the patterns is 'encoder' (down_blocks/conv_in), 'decoder' (up_blocks/conv_out) or 'others'."""
-    out = {g: [] for g in GROUPS}
-    for n in names:
-        if "bias" in n or "norm" in n or not any(p in n for p in L.UNET_PATTERNS):
-            continue
-        g = ("encoder" if ("down_blocks" in n or "conv_in" in n) else
-             "decoder" if ("up_blocks" in n or "conv_out" in n) else "others")
-        out[g].append(n.removesuffix(".weight"))
-    return out
 
 
 def _osediff_vae_targets(names):
@@ -133,7 +120,7 @@ def _osediff_wrapped(case, lists, rank, adapters=("default_encoder", "default_de
 
 def test_unet_targets_match_osediff(unet_case):
     names = [n for n, _ in _fresh_torch_unet(unet_case).named_parameters()]
-    want = _osediff_unet_groups(names)
+    want = osediff_unet_groups(names)
     got = L.select(unet_case["params"], L.OSEDIFF_UNET_TARGETS)
     for g in GROUPS:
         assert sorted(L.module_name(p) for p in got[g]) == sorted(want[g]), g
@@ -226,7 +213,7 @@ def test_import_osediff_release(unet_case, vae_case, tmp_path):
     same VAE encoding."""
     c, v = unet_case, vae_case
     names = [n for n, _ in _fresh_torch_unet(c).named_parameters()]
-    lists = _osediff_unet_groups(names)
+    lists = osediff_unet_groups(names)
     model = _osediff_wrapped(c, lists, rank=4)
     _perturb_lora(model, 5, also=("conv_in",))
     ref = _torch_unet_out(model, c["x"], 999.0, c["ctx"])
@@ -271,7 +258,7 @@ def test_import_pisasr_release_and_stack(unet_case, tmp_path):
     weights equals the diffusers UNet with all six adapters active at those weights."""
     c = unet_case
     names = [n for n, _ in _fresh_torch_unet(c).named_parameters()]
-    lists = _osediff_unet_groups(names)
+    lists = osediff_unet_groups(names)
     model = _fresh_torch_unet(c)
     ranks = {"pix": 4, "sem": 2}
     for kind in ("pix", "sem"):
