@@ -95,3 +95,95 @@ def test_fresh_sft_is_zero_and_leaves_the_unet_unchanged():
     np.testing.assert_array_equal(np.asarray(_modulate(h, (scale, shift))), np.asarray(h))
     moved = S.sft_modulation(jax.tree.map(lambda a: a + 0.05, params), x, 0.7)
     assert np.abs(np.asarray(_modulate(h, moved) - h)).max() > 1e-3  # a trained SFT moves it
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Region-adaptive activation
+
+
+def _np_weight_map(x_pm1: np.ndarray, latent_hw) -> np.ndarray:
+    """NumPy transcription of the release's inference path, loops and all: luma of ``x * 0.5 + 0.5``, Sobel L1 with
+    replicate padding, 16 x 16 patch means after replicate-padding bottom/right, the piecewise weight, each patch
+    repeated to 2 x 2 latents, cropped. [B, H, W, 3] in [-1, 1] -> [B, h, w]."""
+    x = x_pm1.astype(np.float64) * 0.5 + 0.5
+    g = 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
+    kx = np.array([[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]], np.float64)
+    ky = np.array([[-1, -2, -1], [0, 0, 0], [1, 2, 1]], np.float64)
+    b, h, w = g.shape
+    out = []
+    for n in range(b):
+        p = np.pad(g[n], 1, mode="edge")
+        grad = np.zeros((h, w))
+        for y in range(h):
+            for x_ in range(w):
+                win = p[y:y + 3, x_:x_ + 3]
+                grad[y, x_] = abs((win * kx).sum()) + abs((win * ky).sum())
+        grad = np.pad(grad, ((0, -h % 16), (0, -w % 16)), mode="edge")
+        ph, pw = grad.shape[0] // 16, grad.shape[1] // 16
+        wmap = np.zeros((ph, pw))
+        for i in range(ph):
+            for j in range(pw):
+                m = grad[16 * i:16 * i + 16, 16 * j:16 * j + 16].mean()
+                wmap[i, j] = 0.3 if m <= 0.15 else (7.0 * (m - 0.15) + 0.3 if m <= 0.25 else 1.0)
+        out.append(np.kron(wmap, np.ones((2, 2)))[:latent_hw[0], :latent_hw[1]])
+    return np.stack(out)
+
+
+def _hand_made(h=40, w=56):
+    """Three grey images [3, h, w, 3] in [-1, 1]: flat; a horizontal ramp of slope 0.025 / px (interior Sobel
+    L1 = 8 x 0.025 = 0.2, the middle regime) with a vertical step edge; flat left half + strong texture right."""
+    flat = np.full((h, w), 0.4)
+    ramp = np.tile(np.arange(w) * 0.025, (h, 1)) % 1.0
+    ramp[:, 44:] += 0.5 * (np.arange(h) >= 20)[:, None]
+    rng = np.random.default_rng(0)
+    mixed = np.where(np.arange(w)[None, :] < w // 2, 0.5, rng.uniform(0, 1, (h, w)))
+    imgs = np.stack([flat, np.clip(ramp, 0, 1), mixed])
+    return np.repeat(imgs[..., None], 3, axis=-1) * 2 - 1
+
+
+def test_region_weight_against_numpy_on_hand_made_images():
+    from jsr.sr import region_prior as R
+
+    x = _hand_made()
+    got = np.asarray(R.region_weight(jnp.asarray(x, jnp.float32), (5, 7)))
+    want = _np_weight_map(x, (5, 7))
+    assert got.shape == (3, 5, 7, 1)
+    np.testing.assert_allclose(got[..., 0], want, atol=2e-5)
+    assert np.all(got[0] == np.float32(0.3))  # flat: the floor everywhere
+    assert np.all(got[2, :, :2] == np.float32(0.3)) and np.all(got[2, :, -2:] == 1.0)  # mixed: both ends
+    # The ramp's first interior patch (rows/cols 16..31, no padding or wrap inside): m = 0.2 -> 0.3 + 7 x 0.05.
+    np.testing.assert_allclose(got[1, 2, 2, 0], 0.65, atol=1e-5)
+    # The ramp image (its edge, its wrap-around jump, its borders) has all three regimes.
+    assert np.any(got[1] == np.float32(0.3)) and np.any(got[1] == 1.0) and np.any((got[1] > 0.3) & (got[1] < 1))
+    # Whole multiples of 16 need no padding: the same function, exact patch grid.
+    x16 = x[:, :32, :48]
+    np.testing.assert_allclose(np.asarray(R.region_weight(jnp.asarray(x16, jnp.float32), (4, 6)))[..., 0],
+                               _np_weight_map(x16, (4, 6)), atol=2e-5)
+    with pytest.raises(ValueError, match="fewer than"):
+        R.region_weight(jnp.asarray(x16, jnp.float32), (5, 6))
+
+
+def test_z_hat_and_activation_against_a_reference():
+    from jsr.sr import region_prior as R
+    from jsr.sr.schedule import DDPMSchedule
+    from jsr.models.presets import SD21_BASE_SCHEDULER
+
+    s = DDPMSchedule.from_config(SD21_BASE_SCHEDULER)
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2  # scaled_linear, in float64
+    abar = np.cumprod(1 - betas)
+    rng = np.random.default_rng(5)
+    z_l, n, eps_hat = (rng.normal(size=(2, 3, 4, 4)) for _ in range(3))
+    w = rng.uniform(0.3, 1.0, (2, 3, 4, 1))
+    t = np.array([50, 250])
+    z_t, eps_a = R.activate(s, jnp.asarray(z_l), jnp.asarray(n), jnp.asarray(w), jnp.asarray(t))
+    a = abar[t][:, None, None, None]
+    np.testing.assert_allclose(np.asarray(eps_a), w * n, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(z_t), np.sqrt(a) * z_l + np.sqrt(1 - a) * w * n, rtol=1e-5, atol=1e-6)
+    k = R.timestep_coeff(s, jnp.asarray(t))
+    np.testing.assert_allclose(np.asarray(k), np.sqrt(1 - abar[t]) / np.sqrt(abar[t]), rtol=1e-5)
+    z_hat = R.denoise(jnp.asarray(z_l), eps_a, jnp.asarray(eps_hat), k)
+    np.testing.assert_allclose(np.asarray(z_hat), z_l + np.sqrt(1 - a) / np.sqrt(a) * (w * n - eps_hat), rtol=1e-5,
+                               atol=1e-5)
+    # ... which is the x0 read-out of z_t.
+    x0 = (np.asarray(z_t, np.float64) - np.sqrt(1 - a) * eps_hat) / np.sqrt(a)
+    np.testing.assert_allclose(np.asarray(z_hat), x0, rtol=1e-4, atol=1e-5)
