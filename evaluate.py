@@ -150,7 +150,10 @@ def main(argv):
                          num_samples=_SAMPLES.value, sample_crop=_SAMPLE_CROP.value, progress=_PROGRESS.value,
                          meta=meta)
     files = ev.write_outputs(report, _OUT.value)
-    print(ev.markdown_tables(ev.load_report(files["json"])))
+    written = ev.load_report(files["json"])
+    print(ev.markdown_tables(written))
+    if written.get("plot_missing"):
+        print(f"plot: not drawn: {written['plot_missing']}")
     for kind, path in files.items():
         print(f"{kind}: {path}")
     for name, path in report["samples"].items():

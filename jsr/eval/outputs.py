@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jsr.eval.plots import plot_fidelity_realism
+from jsr.eval.plots import plot_fidelity_realism, plot_missing_reason
 from jsr.eval.tables import csv_table, markdown_tables
 
 
@@ -30,8 +30,8 @@ def _json_ready(x: Any) -> Any:
 
 def write_outputs(report: Mapping, out_dir: str | os.PathLike) -> dict[str, str]:
     """Write ``results.md``, ``results.csv``, ``results.json`` and ``fidelity_realism.png`` (when there is
-    something to plot; otherwise an earlier run's plot there is removed) into ``out_dir``; returns
-    ``{kind: path}``."""
+    something to plot; otherwise an earlier run's plot there is removed, and why there is none goes into the
+    report as ``plot_missing`` and into ``results.md``) into ``out_dir``; returns ``{kind: path}``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = {"markdown": out / "results.md", "csv": out / "results.csv", "json": out / "results.json",
@@ -39,9 +39,11 @@ def write_outputs(report: Mapping, out_dir: str | os.PathLike) -> dict[str, str]
     report = _json_ready(dict(report))
     if plot_fidelity_realism(report, files["plot"]):
         report["plot"] = str(files["plot"])
+        report.pop("plot_missing", None)
     else:
         files.pop("plot").unlink(missing_ok=True)  # not one left by an earlier run into this folder
         report["plot"] = None
+        report["plot_missing"] = plot_missing_reason(report)  # said in results.md, not left to guesswork
     files["markdown"].write_text(markdown_tables(report), encoding="utf-8")
     files["csv"].write_text(csv_table(report), encoding="utf-8")
     files["json"].write_text(json.dumps(report, indent=1, allow_nan=False), encoding="utf-8")

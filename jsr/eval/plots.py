@@ -61,39 +61,79 @@ def sample_grid(rows: Sequence[tuple[str, Sequence[np.ndarray]]], titles: Sequen
     return canvas
 
 
-def plot_fidelity_realism(report: Mapping, path: str | os.PathLike) -> list[str]:
-    """PSNR (fidelity, up) against LPIPS and DISTS (realism) for every dataset: the swept model as a line through
-    its t values (each labelled), compare methods as single points. The x axis runs from worse to better (a
-    distance's axis is inverted), so better realism is to the right. Falls back to the first other perceptual
-    metric computed when neither LPIPS nor DISTS is. Returns the x-axis metrics plotted (empty: nothing to plot,
-    no file written)."""
+_REALISM = ("lpips", "dists")
+_REALISM_FALLBACK = ("fid", "niqe", "musiq", "maniqa", "clipiqa")
+
+
+def _finite(x) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def _plot_axes(report: Mapping) -> tuple[list[str], list[dict], str | None]:
+    """``(x-axis metrics, rows with a finite PSNR, None)``, or ``([], [], why no plot can be drawn)``."""
+    keys = [c.key for c in report_columns(report)]
+    xs = [k for k in _REALISM if k in keys] or [k for k in _REALISM_FALLBACK if k in keys][:1]
+    if not xs:
+        skipped = report.get("skipped_metrics") or {}
+        why = "; ".join(f"{COLUMN[k].title}: {skipped[k]}" for k in _REALISM if k in skipped)
+        return [], [], ("no realism metric was computed (LPIPS, DISTS, FID, NIQE, MUSIQ, MANIQA or CLIPIQA)"
+                        + (f" ({why})" if why else ""))
+    rows = [r for r in report["rows"] if _finite(r.get("psnr"))]
+    if not rows:
+        return [], [], "no finite PSNR in any row"
+    if not any(_finite(r.get(x)) for r in rows for x in xs):
+        return [], [], f"no finite {' or '.join(COLUMN[x].title for x in xs)} value in any row"
+    return xs, rows, None
+
+
+def plot_missing_reason(report: Mapping) -> str | None:
+    """Why :func:`plot_fidelity_realism` draws nothing for ``report`` (``None``: it draws the plot)."""
+    return _plot_axes(report)[2]
+
+
+def fidelity_realism_figure(report: Mapping):
+    """The fidelity-vs-realism figure (a matplotlib ``Figure``, Agg canvas) of :func:`plot_fidelity_realism`.
+
+    Tick labels are absolute values (no offset or scientific-notation text: with the close values of a sweep,
+    matplotlib's default would write "+1.496e1" in the corner, over the title, and ticks of 0.005-0.009), and
+    each point of the sweep carries its ``t`` on a white box, alternately above and below the line so that
+    neighbours do not print over each other.
+
+    Raises:
+      ValueError: nothing to plot (the message is :func:`plot_missing_reason`).
+    """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
-    keys = [c.key for c in report_columns(report)]
-    xs = [k for k in ("lpips", "dists") if k in keys] or [k for k in ("fid", "niqe", "musiq", "maniqa", "clipiqa")
-                                                         if k in keys][:1]
-    rows = [r for r in report["rows"] if r.get("psnr") is not None and math.isfinite(r["psnr"])]
-    if not xs or not rows:
-        return []
-    fig = Figure(figsize=(5.2 * len(xs), 4.2), dpi=110)
+    xs, rows, why = _plot_axes(report)
+    if why:
+        raise ValueError(why)
+    fig = Figure(figsize=(5.6 * len(xs), 4.4), dpi=110)
     FigureCanvasAgg(fig)
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     colours = [f"C{i % 10}" for i in range(len(datasets))]
+    knob = report["model"].get("sweep") or "t"
     for k, x in enumerate(xs):
         ax = fig.add_subplot(1, len(xs), k + 1)
         col = COLUMN[x]
         for ds, colour in zip(datasets, colours):
-            mine = [r for r in rows if r["dataset"] == ds and r.get(x) is not None and math.isfinite(r[x])]
+            mine = [r for r in rows if r["dataset"] == ds and _finite(r.get(x))]
             sweep = [r for r in mine if r["t"] is not None]
             if sweep:
                 ax.plot([r[x] for r in sweep], [r["psnr"] for r in sweep], "o-", color=colour,
-                        label=f"{ds}: {sweep[0]['method']} ({report['model'].get('sweep') or 't'})")
-                for r in sweep:
-                    ax.annotate(t_label(r["t"]), (r[x], r["psnr"]), textcoords="offset points", xytext=(4, 4),
-                                fontsize=8, color=colour)
+                        label=f"{ds}: {sweep[0]['method']} ({knob})")
+                for i, r in enumerate(sweep):
+                    ax.annotate(f"{knob}={t_label(r['t'])}", (r[x], r["psnr"]), textcoords="offset points",
+                                xytext=(6, 7 if i % 2 == 0 else -13), fontsize=8, color=colour,
+                                bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
             for j, r in enumerate(r for r in mine if r["t"] is None):
                 ax.plot([r[x]], [r["psnr"]], "sD^v<>"[j % 6], color=colour, label=f"{ds}: {r['method']}")
+        for axis in (ax.xaxis, ax.yaxis):
+            fmt = ScalarFormatter(useOffset=False)
+            fmt.set_scientific(False)
+            axis.set_major_formatter(fmt)
+        ax.margins(0.12)  # room for the t labels at the ends of the sweep
         ax.set_xlabel(f"{col.title} ({'higher' if col.higher_better else 'lower'} is better)")
         ax.set_ylabel("PSNR (dB, Y)")
         ax.set_title(f"Fidelity vs realism: PSNR vs {col.title}")
@@ -102,5 +142,17 @@ def plot_fidelity_realism(report: Mapping, path: str | os.PathLike) -> list[str]
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
+
+
+def plot_fidelity_realism(report: Mapping, path: str | os.PathLike) -> list[str]:
+    """PSNR (fidelity, up) against LPIPS and DISTS (realism) for every dataset: the swept model as a line through
+    its t values (each labelled), compare methods as single points. The x axis runs from worse to better (a
+    distance's axis is inverted), so better realism is to the right. Falls back to the first other perceptual
+    metric computed when neither LPIPS nor DISTS is. Returns the x-axis metrics plotted (empty: nothing to plot,
+    no file written; :func:`plot_missing_reason` says why)."""
+    xs, _, why = _plot_axes(report)
+    if why:
+        return []
+    fidelity_realism_figure(report).savefig(path)
     return xs

@@ -82,6 +82,9 @@ def markdown_tables(report: Mapping) -> str:
     skipped = [f"- {COLUMN[k].title}: {v}" for k, v in report["skipped_metrics"].items()]
     if skipped:
         lines += ["", "## Metrics not computed", ""] + skipped
+    if report.get("plot_missing"):
+        lines += ["", "## Fidelity-vs-realism plot", "", f"Not drawn (no fidelity_realism.png): "
+                  f"{report['plot_missing']}."]
     if notes:
         lines += ["", "## Notes", ""] + notes
     return "\n".join(lines) + "\n"
