@@ -4,6 +4,9 @@ networks over the shared base, LPIPS weights, stand-in LoRAs for random bases, a
 from __future__ import annotations
 
 import dataclasses
+import os
+import zipfile
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
@@ -125,3 +128,25 @@ def teacher_loras(path: str, base: Any, rng: jax.Array, what: str, option: str) 
     logging.warning("no %s given (%s); using a seeded random LoRA (random base only)", what, option)
     return {"unet": random_lora(jax.random.fold_in(rng, 1), base.unet_params, L.OSEDIFF_UNET),
             "vae": random_lora(jax.random.fold_in(rng, 2), base.vae_params, L.OSEDIFF_VAE)}
+
+
+PICKLE_SUFFIXES = (".pkl", ".pt", ".pth", ".ckpt", ".bin")
+
+
+def pickle_mentions(path: str | os.PathLike, needle: bytes) -> bool:
+    """Whether ``path`` is a ``torch.save`` file (by suffix) whose pickle names ``needle`` (a release's own dict
+    key), without reading its tensors. False for folders, other files and damaged files (the generic readers
+    report those)."""
+    path = Path(path)
+    if not path.is_file() or path.suffix.lower() not in PICKLE_SUFFIXES:
+        return False
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # the pre-1.6 format: the pickled dict comes before the storages
+                f.seek(0)
+                return needle in f.read(8 << 20)
+        with zipfile.ZipFile(path) as z:
+            names = [i.filename for i in z.infolist() if i.filename.endswith("data.pkl")]
+            return bool(names) and needle in z.read(names[0])
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False

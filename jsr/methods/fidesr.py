@@ -42,7 +42,6 @@ set (the shared knobs' declared default is 0, which keeps the other methods' out
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -63,7 +62,6 @@ from jsr.sr.teachers import UNetTeacher
 FIDESR_UNET = L.LoRASpec(L.OSEDIFF_UNET_TARGETS, rank=8, alpha=8.0)
 CSD_W_EPS = 1e-6  # fidesr.py, CSDLoss.cal_csd: weighting_factor = mean|z - x_real| + 1e-6
 RELEASE_KEY = "lrrb_state_dict"
-_PICKLE_SUFFIXES = (".pkl", ".pt", ".pth", ".ckpt", ".bin")
 
 
 def lrrb_config_of(params: Mapping[str, Any], res_scale: float = 0.2) -> LRRBConfig:
@@ -83,20 +81,6 @@ def fidesr_latent(models: generator.SDModels, unet_params: Any, lora: L.LoRA | N
     eps = UNetTeacher(params=unet_params, lora=lora, schedule=models.schedule, unet=models.unet).output(z_lq, t, c)
     r = eps if lrrb is None else lrrb_refine(lrrb, z_lq, eps, lrrb_config_of(lrrb))
     return z_lq - r, r
-
-
-def _mentions(path: Path, needle: bytes) -> bool:
-    """Whether the pickle of a ``torch.save`` file names ``needle``, without reading its tensors."""
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"PK\x03\x04":  # the pre-1.6 format: the pickled dict comes before the storages
-                f.seek(0)
-                return needle in f.read(8 << 20)
-        with zipfile.ZipFile(path) as z:
-            names = [i.filename for i in z.infolist() if i.filename.endswith("data.pkl")]
-            return bool(names) and needle in z.read(names[0])
-    except (OSError, zipfile.BadZipFile, ValueError):
-        return False  # a damaged file: the generic readers report it
 
 
 class FiDeSR(Method):
@@ -138,7 +122,7 @@ class FiDeSR(Method):
         from jsr.weights import peft
 
         path = Path(path)
-        if not path.is_file() or path.suffix.lower() not in _PICKLE_SUFFIXES or not _mentions(path, RELEASE_KEY.encode()):
+        if not common.pickle_mentions(path, RELEASE_KEY.encode()):
             return None
         loras, rest = peft.load_release(path, params={"unet": base.unet_params})
         if RELEASE_KEY not in rest:
