@@ -14,7 +14,9 @@ including rematerialisation when ``--remat`` is on); MFU = FLOPs / step time / p
 when given, else the device kind's dense bf16 (or f32) datasheet figure for known GPUs/TPUs, else (CPU) the
 measured throughput of a large matmul in the compute dtype, labelled as such.
 
-Prints a table and writes JSON (``--out``, default ``benchmarks/results/train_step-<backend>.json``).
+Every step is built and lowered first, the programs compile side by side in threads, then each is timed alone
+(under ``$JSR_BENCH_LOCK`` when set). Prints a table and writes JSON (``--out``, default
+``benchmarks/results/train_step-<backend>.json``) after every method, so a run stopped part-way keeps its rows.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from _common import environment, write_result
+from _common import compile_in_order, device_lock, environment, program_bytes, write_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives at the repo root
 
@@ -42,6 +44,7 @@ METHODS = {
     "pisa-sem": ("pisasr", None, 1),
     "ctsr1": ("ctsr", "stage1", 0),
     "ctsr2": ("ctsr", "stage2", 0),
+    "fidesr": ("fidesr", None, 0),
 }
 
 # Dense datasheet peaks in TFLOP/s per device (bf16, f32): H100 SXM, H200, A100, TPU v4/v5e/v5p chips.
@@ -63,6 +66,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--attention", default="auto")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU column")
     p.add_argument("--model-dir", default=None, help="where the random base is written (default: a temp dir)")
+    p.add_argument("--compile-workers", type=int, default=None,
+                   help="programs compiled at once (default: all; 1 on a small host)")
     p.add_argument("--out", default=None, help="JSON output path")
     return p.parse_args()
 
@@ -103,13 +108,13 @@ def _config(key: str, args: argparse.Namespace, model_dir: Path, stage1_dir: Pat
 
 def _write_stage1(base, folder: Path) -> Path:
     """A random non-zero OSEDiff-layout LoRA pair as a jsr export folder (CTSR stage 2's frozen stage-1 model)."""
+    from jsr.methods.common import random_lora
     from jsr.models import lora as L
-    from jsr.train.methods import _random_lora
     from jsr.weights.peft import save_peft_lora
 
     rng = jax.random.key(5)
-    save_peft_lora(_random_lora(rng, base.unet_params, L.OSEDIFF_UNET), folder / "unet")
-    save_peft_lora(_random_lora(jax.random.fold_in(rng, 1), base.vae_params, L.OSEDIFF_VAE), folder / "vae")
+    save_peft_lora(random_lora(rng, base.unet_params, L.OSEDIFF_UNET), folder / "unet")
+    save_peft_lora(random_lora(jax.random.fold_in(rng, 1), base.vae_params, L.OSEDIFF_VAE), folder / "vae")
     return folder
 
 
@@ -120,15 +125,14 @@ def _flops(compiled) -> float:
     return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
-def bench_method(key: str, args, base, model_dir: Path, stage1_dir: Path) -> dict:
-    """Compile and time one method's train step; returns the JSON row."""
+def prepare_method(key: str, args, base, model_dir: Path, stage1_dir: Path) -> dict:
+    """Build one method's train step and lower it (tracing only); returns what :func:`run_method` needs."""
     from jsr.train.loop import build
     from jsr.train.step import init_state, make_train_step
 
     config = _config(key, args, model_dir, stage1_dir)
     _, setup = build(config, base, jax.random.key(1))
-    phase = METHODS[key][2]
-    updates = setup.phases[phase][1]
+    updates = setup.phases[METHODS[key][2]][1]
     state = init_state(setup.params, setup.all_updates, 0)
     rng = np.random.default_rng(0)
     shape = (args.batch, args.size, args.size, 3)
@@ -136,18 +140,23 @@ def bench_method(key: str, args, base, model_dir: Path, stage1_dir: Path) -> dic
              "lq": jnp.asarray(rng.uniform(size=shape), jnp.float32),
              "c": jnp.asarray(base.prompts(["a photo"] * args.batch))}
     step = jax.jit(make_train_step(updates, config.optim.accum_steps), donate_argnums=0)
-    t0 = time.perf_counter()
-    compiled = step.lower(state, setup.frozen, batch).compile()
-    compile_s = time.perf_counter() - t0
-    flops = _flops(compiled)
-    state, m = compiled(state, setup.frozen, batch)  # warm-up (first-run allocation)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        state, m = compiled(state, setup.frozen, batch)
+    trainable = sum(x.size for u in updates for x in jax.tree.leaves(setup.params[u.group]))
+    return {"lowered": step.lower(state, setup.frozen, batch), "state": state, "frozen": setup.frozen,
+            "batch": batch, "updates": [u.group for u in updates], "trainable": int(trainable)}
+
+
+def run_method(key: str, prep: dict, compiled, compile_s: float, steps: int) -> dict:
+    """Time one compiled train step (after a warm-up call); returns the JSON row."""
+    state, frozen, batch = prep["state"], prep["frozen"], prep["batch"]
+    with device_lock():
+        state, m = compiled(state, frozen, batch)  # warm-up (first-run allocation)
         jax.block_until_ready(m)
-        times.append(time.perf_counter() - start)
+        times = []
+        for _ in range(steps):
+            start = time.perf_counter()
+            state, m = compiled(state, frozen, batch)
+            jax.block_until_ready(m)
+            times.append(time.perf_counter() - start)
     losses = {k: float(v) for k, v in jax.device_get(m).items() if k.endswith("/loss")}
     mem = None
     try:
@@ -155,11 +164,12 @@ def bench_method(key: str, args, base, model_dir: Path, stage1_dir: Path) -> dic
         mem = stats.get("peak_bytes_in_use")
     except Exception:  # noqa: BLE001 - not every backend reports memory
         pass
-    trainable = sum(x.size for u in updates for x in jax.tree.leaves(setup.params[u.group]))
-    return {"method": key, "updates": [u.group for u in updates], "compile_s": compile_s,
+    n = prep["batch"]["hq"].shape[0]
+    return {"method": key, "updates": prep["updates"], "compile_s": compile_s,
             "step_s": statistics.median(times), "step_s_all": times,
-            "images_per_s": args.batch / statistics.median(times), "flops": flops,
-            "trainable_params": int(trainable), "losses": losses, "peak_bytes": mem}
+            "images_per_s": n / statistics.median(times), "flops": _flops(compiled),
+            "trainable_params": prep["trainable"], "losses": losses, "process_peak_bytes": mem,
+            "program_bytes": program_bytes(compiled)}
 
 
 def main() -> None:
@@ -181,21 +191,42 @@ def main() -> None:
         print(f"random {args.preset} base written and loaded in {time.perf_counter() - t0:.1f} s "
               f"({jax.default_backend()}, {jax.devices()[0].device_kind})", flush=True)
         peak, peak_src = _peak(dtype, args.peak_tflops)
-        rows = []
+        print(f"peak {peak / 1e12:.2f} TFLOP/s ({peak_src})", flush=True)
+        result = {
+            "benchmark": "train_step", **environment(), "preset": args.preset, "size": args.size,
+            "batch": args.batch, "dtype": args.dtype, "remat": args.remat, "attention": args.attention,
+            "peak_flops": peak, "peak_source": peak_src, "rows": [],
+        }
+        out = args.out or Path(__file__).parent / "results" / f"train_step-{jax.default_backend()}.json"
+        preps, lowered = {}, {}
         for key in keys:
-            row = bench_method(key, args, base, model_dir, stage1_dir)
-            row["mfu"] = row["flops"] / row["step_s"] / peak
-            rows.append(row)
-            print(f"{key:9s} step {row['step_s']:8.3f} s  {row['images_per_s']:7.3f} img/s  "
-                  f"{row['flops'] / 1e9:10.4g} GFLOP  MFU {100 * row['mfu']:5.1f} %  "
-                  f"(compile {row['compile_s']:.0f} s)", flush=True)
-    result = {
-        "benchmark": "train_step", **environment(), "preset": args.preset, "size": args.size,
-        "batch": args.batch, "dtype": args.dtype, "remat": args.remat, "attention": args.attention,
-        "peak_flops": peak, "peak_source": peak_src, "rows": rows,
-    }
-    print(f"peak {peak / 1e12:.2f} TFLOP/s ({peak_src})")
-    write_result(result, args.out or Path(__file__).parent / "results" / f"train_step-{jax.default_backend()}.json")
+            t0 = time.perf_counter()
+            try:
+                preps[key] = prepare_method(key, args, base, model_dir, stage1_dir)
+                lowered[key] = preps[key]["lowered"]
+                print(f"{key}: built and lowered in {time.perf_counter() - t0:.0f} s", flush=True)
+            except Exception as e:  # noqa: BLE001 - one method failing must not lose the others' rows
+                result["rows"].append({"method": key, "error": f"{type(e).__name__}: {str(e)[:2000]}"})
+                print(f"{key}: FAILED to build: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        # Compiling is host work: the programs compile side by side (--compile-workers), then run one by one.
+        for key, prog, compile_s in compile_in_order(lowered, args.compile_workers):
+            preps[key]["lowered"] = lowered[key] = None
+            if isinstance(prog, Exception):
+                row = {"method": key, "error": f"compile: {type(prog).__name__}: {str(prog)[:2000]}"}
+            else:
+                try:
+                    row = run_method(key, preps[key], prog, compile_s, args.steps)
+                    row["mfu"] = row["flops"] / row["step_s"] / peak
+                    print(f"{key:9s} step {row['step_s']:8.3f} s  {row['images_per_s']:7.3f} img/s  "
+                          f"{row['flops'] / 1e9:10.4g} GFLOP  MFU {100 * row['mfu']:5.1f} %  "
+                          f"(compile {row['compile_s']:.0f} s)", flush=True)
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory
+                    row = {"method": key, "error": f"run: {type(e).__name__}: {str(e)[:2000]}"}
+            if "error" in row:
+                print(f"{key}: {row['error'][:300]}", flush=True)
+            result["rows"].append(row)
+            preps[key] = prog = None  # frees the method's state and program before the next one runs
+            write_result(result, out)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,14 @@ def test_auto_choices():
     assert r("chunked", (1, 8, 1, 8), (1, 8, 1, 8), jnp.float32) == "chunked"
 
 
+def test_auto_on_gpu_takes_cudnn_only_for_head_dims_it_supports(monkeypatch):
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "gpu")
+    r = attention.resolve_implementation
+    assert r("auto", (1, 4096, 5, 64), (1, 4096, 5, 64), jnp.bfloat16) == "cudnn"  # UNet self-attention
+    assert r("auto", (1, 4096, 1, 512), (1, 4096, 1, 512), jnp.bfloat16) == "xla"  # VAE mid-block: d = 512
+    assert r("auto", (1, 4096, 5, 64), (1, 4096, 5, 64), jnp.float32) == "xla"  # cuDNN flash is bf16/f16 only
+
+
 def test_unknown_and_unbuilt_implementations_fail_clearly(qkv):
     q, k, v = qkv
     with pytest.raises(ValueError, match="unknown"):

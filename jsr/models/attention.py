@@ -27,6 +27,8 @@ IMPLEMENTATIONS = ("auto", "xla", "jax", "cudnn", "chunked", "splash")
 AUTO_CHUNK_BYTES = 1 << 30
 # Sequences this short (e.g. the 77-token text cross-attention) always take the plain path.
 SHORT_SEQUENCE = 256
+# cuDNN's fused (flash) attention takes head dims up to 128; the VAE mid-block's single 512-wide head does not fit.
+CUDNN_MAX_HEAD_DIM = 128
 
 
 def _probs(q, k, mask, scale):
@@ -105,12 +107,13 @@ def resolve_implementation(impl: str, q_shape, k_shape, dtype) -> str:
         raise ValueError(f"attention implementation {impl!r} is unknown; choose one of {IMPLEMENTATIONS}")
     if impl != "auto":
         return impl
-    b, lq, h, _ = q_shape
+    b, lq, h, d = q_shape
     lk = k_shape[1]
     if lk <= SHORT_SEQUENCE or lq <= SHORT_SEQUENCE:
         return "xla"
     backend = jax.default_backend()
-    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    if (backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and d <= CUDNN_MAX_HEAD_DIM and d % 8 == 0):
         return "cudnn"
     # Blocked attention is both memory-bounded and the fastest XLA form on CPU (see _block_size); on GPU/TPU
     # the whole-matrix einsum is faster while its scores fit the budget.
