@@ -187,3 +187,146 @@ def test_z_hat_and_activation_against_a_reference():
     # ... which is the x0 read-out of z_t.
     x0 = (np.asarray(z_t, np.float64) - np.sqrt(1 - a) * eps_hat) / np.sqrt(a)
     np.testing.assert_allclose(np.asarray(z_hat), x0, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text matching
+
+
+def _torch_grounding(probs, positions, masks, size):
+    """The release's path for one image, in torch: per noun, ``probs[:, pos].mean(-1)`` reshaped to the grid,
+    ``F.interpolate`` bilinear (align_corners=False) to ``size``, then ``get_grounding_loss_by_list``:
+    token (1 - sum(A M) / sum(A))^2 and ``nn.BCELoss`` per mask with sum > 0.1, both averaged over those masks."""
+    import torch
+    import torch.nn.functional as F
+
+    q = probs.shape[0]
+    h = int(round(q ** 0.5))
+    token = pixel = 0.0
+    n = 0
+    for pos, m in zip(positions, masks):
+        if not pos or m.sum() <= 0.1:
+            continue
+        heat = torch.from_numpy(probs[:, pos].mean(-1).astype(np.float32)).reshape(1, 1, h, q // h)
+        a = F.interpolate(heat, size=size, mode="bilinear", align_corners=False)[0]
+        mt = torch.from_numpy(m.astype(np.float32))[None]
+        act = (a * mt).reshape(1, -1).sum(-1) / a.reshape(1, -1).sum(-1)
+        token += float((1.0 - act.mean()) ** 2)
+        pixel += float(torch.nn.BCELoss()(a, mt))
+        n += 1
+    return token / max(n, 1), pixel / max(n, 1), n
+
+
+def test_matching_losses_against_the_release_path_on_hand_made_maps():
+    pytest.importorskip("torch")
+    from jsr.sr import text_matching as tm
+
+    rng = np.random.default_rng(0)
+    b, q, length, k, t, size = 2, 16, 7, 3, 2, (12, 12)
+    logits = rng.normal(size=(b, q, length))
+    logits[0, :8, 2] += 4.0  # token 2 looks at the top half of image 0
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    probs[1, 3, 5] = 1.0  # an exact 1: log(1 - a) = -inf, clamped at -100 as torch's BCELoss does
+    probs[1, 3, :5] = probs[1, 3, 6:] = 0.0
+    masks = np.zeros((b, *size, k), np.uint8)
+    masks[0, :6, :, 0] = 1          # matches token 2's top half
+    masks[0, 6:, 3:9, 1] = 1
+    masks[1, 2:10, 2:10, 0] = 1
+    masks[1, :, :, 2] = 0           # an empty mask: no term
+    positions = [[[2], [4, 5], []], [[5, 1], [0], [3]]]  # image 0, noun 2: not in the prompt
+    tokens = np.zeros((b, k, t), np.int32)
+    weights = np.zeros((b, k, t), np.float32)
+    for i in range(b):
+        for j in range(k):
+            p = positions[i][j]
+            tokens[i, j, :len(p)] = p
+            weights[i, j, :len(p)] = 1.0 / len(p) if p else 0.0
+    maps = tm.noun_maps(jnp.asarray(probs, jnp.float32), jnp.asarray(tokens), jnp.asarray(weights), size)
+    tok, bce, n = tm.matching_losses(maps, jnp.asarray(masks), jnp.asarray(weights))
+    ref = [_torch_grounding(probs[i], positions[i], np.moveaxis(masks[i], -1, 0), size) for i in range(b)]
+    count = sum(r[2] for r in ref)
+    assert int(n) == count == 3
+    np.testing.assert_allclose(float(tok), sum(r[0] * r[2] for r in ref) / count, rtol=1e-5)
+    np.testing.assert_allclose(float(bce), sum(r[1] * r[2] for r in ref) / count, rtol=1e-5)
+    # The gradient is finite (the clamped logs and the skipped pairs leave no NaN behind).
+    g = jax.grad(lambda p: sum(tm.matching_losses(tm.noun_maps(p, tokens, weights, size), masks, weights)[:2]))(
+        jnp.asarray(probs, jnp.float32))
+    assert np.all(np.isfinite(np.asarray(g))) and np.abs(np.asarray(g)).max() > 0
+    # Nothing to match: both losses 0, count 0.
+    zero = tm.matching_losses(maps, jnp.zeros_like(jnp.asarray(masks)), jnp.asarray(weights))
+    assert [float(v) for v in zero] == [0.0, 0.0, 0.0]
+
+
+def test_noun_token_positions_with_the_tiny_tokenizer(tmp_path):
+    pytest.importorskip("transformers")
+    from jsr.models.clip_text import Tokenizer
+    from jsr.sr import text_matching as tm
+    from jsr.weights.tiny import write_tokenizer
+
+    tok = Tokenizer(write_tokenizer(tmp_path / "tokenizer"))
+    prompts = ["a dog on a red sofa, dog", "", "a cat"]
+    nouns = np.array([["dog", "red sofa", "tree"], ["dog", "", ""], ["cat", "", ""]])
+    tokens, weights = tm.noun_token_table(tok, prompts, nouns, max_tokens=4)
+    ids = tok(prompts)
+    dog = tok.tokenizer("dog", add_special_tokens=False)["input_ids"]
+    n = min(len(dog), 4)  # the first occurrence's run leads the positions (at most 4 kept)
+    assert list(ids[0][tokens[0, 0, :n]]) == dog[:n] and np.isclose(weights[0, 0].sum(), 1.0)
+    assert weights[0, 1].sum() > 0  # a two-word noun found as a run
+    assert weights[0, 2].sum() == 0 and weights[1].sum() == 0  # absent noun; dropped prompt
+    assert weights[2, 0].sum() > 0
+    assert tm.token_positions([5, 1, 2, 9, 1, 2], [1, 2], 8) == [1, 2, 4, 5]
+    assert tm.token_positions([5, 1, 2], [7], 8) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Noun masks in the data pipeline
+
+
+def _mask_folder(tmp_path):
+    """Three images: a JSON sidecar (red square = "box", caption given), a folder sidecar (blue band =
+    "blue band"), none. Masks are exactly where the colours are, so crops/flips can be checked."""
+    from PIL import Image
+
+    img = np.zeros((48, 40, 3), np.uint8)
+    img[5:25, 8:30, 0] = 255
+    Image.fromarray(img).save(tmp_path / "a.png")
+    Image.fromarray((img[..., 0] > 0).astype(np.uint8) * 255).save(tmp_path / "a.box.png")
+    (tmp_path / "a.nouns.json").write_text('{"caption": "a box", "nouns": [{"word": "box", "mask": "a.box.png"}]}')
+    img2 = np.zeros((48, 40, 3), np.uint8)
+    img2[:, 30:, 2] = 255
+    Image.fromarray(img2).save(tmp_path / "b.png")
+    (tmp_path / "b.nouns").mkdir()
+    Image.fromarray((img2[..., 2] > 0).astype(np.uint8) * 255).save(tmp_path / "b.nouns" / "blue_band.png")
+    Image.fromarray(np.full((48, 40, 3), 90, np.uint8)).save(tmp_path / "c.png")
+
+
+def test_noun_masks_read_and_travel_with_the_crop(tmp_path):
+    from jsr.data import make_iterator, noun_masks
+
+    _mask_folder(tmp_path)
+    cap, nouns, masks = noun_masks.read_noun_masks(tmp_path / "a.png", (48, 40), 4)
+    assert cap == "a box" and nouns == ["box"] and masks[0].sum() == 20 * 22
+    assert noun_masks.read_noun_masks(tmp_path / "b.png", (48, 40), 4)[1] == ["blue band"]
+    assert noun_masks.read_noun_masks(tmp_path / "c.png", (48, 40), 4) == (None, [], [])
+    with pytest.raises(noun_masks.NounMaskError, match="is 48x40, its image 40x40"):
+        noun_masks.read_noun_masks(tmp_path / "a.png", (40, 40), 4)
+
+    cfg = dict(source="folder", path=str(tmp_path), prompt="fixed", prompt_text="a photo", crop_size=32,
+               batch_size=3, shuffle=False, noun_masks=True, max_nouns=2, prefetch_batches=0,
+               degradation=dict(scale=4))
+    it = make_iterator(cfg, process_index=0, process_count=1)
+    batch = next(it)
+    it.close()
+    assert batch["masks"].shape == (3, 32, 32, 2) and batch["masks"].dtype == np.uint8
+    assert [list(n) for n in batch["nouns"]] == [["box", ""], ["blue band", ""], ["", ""]]
+    assert list(batch["prompt"]) == ["a box", "a photo", "a photo"]
+    # The masks are still exactly the coloured pixels after the random crop and flip.
+    np.testing.assert_array_equal(batch["masks"][0, ..., 0], (batch["hq"][0, ..., 0] > 0.5).astype(np.uint8))
+    np.testing.assert_array_equal(batch["masks"][1, ..., 0], (batch["hq"][1, ..., 2] > 0.5).astype(np.uint8))
+    assert not batch["masks"][2].any() and not batch["masks"][..., 1].any()
+    # Off (the default): the same images, crops and flips, no mask entries.
+    it = make_iterator({**cfg, "noun_masks": False}, process_index=0, process_count=1)
+    plain = next(it)
+    it.close()
+    assert "masks" not in plain
+    np.testing.assert_array_equal(plain["hq"], batch["hq"])

@@ -37,6 +37,8 @@ Config keys (``default_config``; a ``data`` ConfigDict in the training config):
     read_threads, read_buffer_size   Grain ReadOptions per process; prefetch_batches: batches ready ahead
     cv2_threads       OpenCV threads per data process (1: one core each, scale with workers instead)
     degradation       nested ``DegradationConfig`` fields (``degradation_config("pisa")`` for PiSA-SR's)
+    noun_masks        read per-image noun masks (``jsr.data.noun_masks``; batches then carry ``masks``, ``nouns``)
+    max_nouns         noun slots per image with ``noun_masks``
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ import numpy as np
 from absl import flags, logging
 
 from jsr.data import degradation as deg
-from jsr.data import sources
+from jsr.data import noun_masks, sources
 
 SMALL_IMAGE_POLICIES = ("pad", "skip")
 SOURCES = ("synthetic", "folder", "tfds")
@@ -98,6 +100,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.prefetch_batches = 2
     c.cv2_threads = 1
     c.degradation = degradation_config("realesrgan")
+    c.noun_masks = False
+    c.max_nouns = 4
     return c
 
 
@@ -135,7 +139,8 @@ def make_source(cfg: Mapping[str, Any] | ml_collections.ConfigDict | None) -> An
     if c.source == "folder":
         if not c.path:
             raise ValueError("data.source='folder' needs data.path (a folder, or several comma-separated)")
-        return sources.FolderSource(c.path, prompt=c.prompt, prompt_text=c.prompt_text)
+        # Noun-mask sidecars' images are masks, not training images.
+        return noun_masks.without_mask_files(sources.FolderSource(c.path, prompt=c.prompt, prompt_text=c.prompt_text))
     if c.source == "tfds":
         if not c.tfds_name:
             raise ValueError("data.source='tfds' needs data.tfds_name (e.g. 'div2k/bicubic_x4')")
@@ -156,13 +161,15 @@ def make_source(cfg: Mapping[str, Any] | ml_collections.ConfigDict | None) -> An
 class _Decode(grain.transforms.Map):
     """Record -> ``{"image", "prompt", "name"}`` or a skip marker ``{"_skip": reason, "name", "why"}``."""
 
-    def __init__(self, crop_size: int, small_images: str):
-        self.crop_size, self.small_images = crop_size, small_images
+    def __init__(self, crop_size: int, small_images: str, max_nouns: int = 0):
+        self.crop_size, self.small_images, self.max_nouns = crop_size, small_images, max_nouns
 
     def map(self, record: dict) -> dict:
         name = str(record.get("name", record.get("path", "?")))
         try:
             example = sources.load_record(record)
+            if self.max_nouns:  # data.noun_masks: the image's noun masks (a damaged sidecar skips the image)
+                example = noun_masks.attach(record, example, self.max_nouns)
         except Exception as e:  # noqa: BLE001 - any unreadable item is skipped, never fatal
             return {"_skip": "unreadable", "name": name, "why": f"{type(e).__name__}: {e}"}
         h, w = example["image"].shape[:2]
@@ -203,11 +210,18 @@ class _CropDegrade(grain.transforms.RandomMap):
         if "_skip" in example:
             return example
         try:
-            hq = sources.to_float01(random_crop_flip(example["image"], self.crop_size, rng, self.hflip))
+            image, extra = example["image"], {}
+            if "masks" in example:  # cut with the image, in one crop: the same draws as without masks
+                image = np.concatenate([image, example["masks"].astype(image.dtype)], axis=-1)
+            crop = random_crop_flip(image, self.crop_size, rng, self.hflip)
+            if "masks" in example:
+                crop, masks = noun_masks.split_crop(crop, example["image"].shape[-1])
+                extra = {"masks": masks, "nouns": example["nouns"]}
+            hq = sources.to_float01(crop)
             out = deg.degrade(hq, int(rng.integers(2 ** 63)), self.degradation)
         except Exception as e:  # noqa: BLE001 - a long run never dies on one image
             return {"_skip": "degrade_failed", "name": example["name"], "why": f"{type(e).__name__}: {e}"}
-        return {"hq": hq, "lq": out["lq"], "lq_small": out["lq_small"], "prompt": example["prompt"]}
+        return {"hq": hq, "lq": out["lq"], "lq_small": out["lq_small"], "prompt": example["prompt"], **extra}
 
 
 class _SkipCounter(grain.transforms.Filter):
@@ -229,7 +243,7 @@ def collate(examples: Sequence[dict]) -> dict:
     """Stack examples into a batch; prompts become a [B] numpy string array."""
     return {"hq": np.stack([e["hq"] for e in examples]), "lq": np.stack([e["lq"] for e in examples]),
             "lq_small": np.stack([e["lq_small"] for e in examples]),
-            "prompt": np.asarray([e["prompt"] for e in examples], dtype=np.str_)}
+            "prompt": np.asarray([e["prompt"] for e in examples], dtype=np.str_), **noun_masks.collate(examples)}
 
 
 def _init_worker(cv2_threads: int, worker_index: int, worker_count: int) -> None:
@@ -263,7 +277,7 @@ def build_dataset(cfg: Mapping[str, Any] | ml_collections.ConfigDict | None = No
     if c.shuffle:
         ds = ds.shuffle()
     ds = ds.repeat(None if c.num_epochs < 0 else int(c.num_epochs))
-    ds = ds.map(_Decode(int(c.crop_size), c.small_images))
+    ds = ds.map(_Decode(int(c.crop_size), c.small_images, int(c.max_nouns) if c.noun_masks else 0))
     ds = ds.random_map(_CropDegrade(int(c.crop_size), bool(c.hflip), dcfg))
     if process_count > 1:
         ds = ds[process_index::process_count]

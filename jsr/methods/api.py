@@ -154,6 +154,9 @@ class TrainSetup:
       requires: ``{role: path}`` trees the exported model needs at inference and did not train (CTSR stage 2's
         stage-1 model), recorded in the export manifest.
       knob_defaults: knob values the trained model implies (CTSR's ``t_scale``), recorded in the manifest.
+      host_batch: ``f(batch, prompts) -> {key: array}``, optional: per-example arrays (batch axis first) the
+        method's losses read beside ``hq``/``lq``/``c``, made on the host from the data batch and the step's
+        prompts (CODSR's noun masks and their token positions); the loop puts them on the mesh with the batch.
     """
 
     params: dict[str, dict[str, Any]]
@@ -162,6 +165,7 @@ class TrainSetup:
     export: dict[str, dict[str, ExportEntry]]
     requires: dict[str, str] = dataclasses.field(default_factory=dict)
     knob_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
+    host_batch: Callable[[Mapping[str, Any], list[str]], dict[str, Any]] | None = None
 
     @property
     def all_updates(self) -> list[Update]:

@@ -199,6 +199,10 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
                 batch = dict(batch, hq=np.full_like(batch["hq"], np.nan))
             prompts = step_prompts(list(batch["prompt"]), null_ratio, config.seed, step)
             host = {"hq": batch["hq"], "lq": batch["lq"], "c": np.asarray(base.prompts(prompts))}
+            if setup.host_batch is not None:  # a method's own per-example arrays (CODSR's noun masks)
+                for k, v in setup.host_batch(batch, prompts).items():
+                    host[k] = v
+                    batch_sh.setdefault(k, sharding.batch_sharding(mesh, np.ndim(v)))
             device_batch = shard_batch(host, mesh)
             phase, updates = setup.updates_at(step)
             profiler(step)

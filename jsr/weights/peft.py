@@ -135,6 +135,28 @@ def load_release(path: str | os.PathLike, rank: int | None = None, alpha: float 
     return loras, rest
 
 
+def read_release(path: str | os.PathLike) -> dict[str, Any]:
+    """A release ``torch.save`` dict read as is (tensors as numpy arrays), for a method whose file needs
+    renaming before :func:`release_loras` parses it (CODSR's ``*_default``/``*_sam`` target lists).
+
+    Raises PeftFormatError when the file is not such a dict (no ``state_dict_<model>`` entry)."""
+    file = Path(path)
+    obj = _read_any(file)
+    if not _is_release(obj):
+        raise PeftFormatError(f"{file}: not a release checkpoint (a torch.save dict with state_dict_<model> "
+                              "entries)")
+    return dict(obj)
+
+
+def release_loras(obj: Mapping[str, Any], file: str | os.PathLike, rank: int | None = None,
+                  alpha: float | None = None, *, params: Mapping[str, Any] | None = None) -> dict[str, L.LoRA]:
+    """The LoRAs of a release dict in memory (:func:`read_release`, possibly edited), as :func:`load_release`
+    reads them from a file; ``file`` only names it in errors."""
+    loras = _from_release(obj, Path(file), rank, alpha)
+    _check_params(loras, params, Path(file))
+    return loras
+
+
 def _check_params(loras: Mapping[str, L.LoRA], params: Mapping[str, Any] | None, file: Path) -> None:
     """Each LoRA named ``<model>`` or ``<model>_*`` must fit ``params[model]``."""
     if params is None:
