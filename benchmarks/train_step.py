@@ -65,6 +65,9 @@ def _args() -> argparse.Namespace:
     p.add_argument("--remat", action="store_true", help="gradient checkpointing in the UNet/VAE blocks")
     p.add_argument("--attention", default="auto")
     p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the MFU column")
+    p.add_argument("--base-writer", default="jax", choices=("jax", "torch"),
+                   help="how the random base is made: jsr's jitted init (one program; at full size ptxas failed on "
+                        "it on an H200) or diffusers/transformers' own random init on the host")
     p.add_argument("--model-dir", default=None, help="where the random base is written (default: a temp dir)")
     p.add_argument("--compile-workers", type=int, default=None,
                    help="programs compiled at once (default: all; 1 on a small host)")
@@ -115,6 +118,35 @@ def _write_stage1(base, folder: Path) -> Path:
     rng = jax.random.key(5)
     save_peft_lora(random_lora(rng, base.unet_params, L.OSEDIFF_UNET), folder / "unet")
     save_peft_lora(random_lora(jax.random.fold_in(rng, 1), base.vae_params, L.OSEDIFF_VAE), folder / "vae")
+    return folder
+
+
+def _write_random_sd_torch(folder: Path, preset_name: str, seed: int = 0) -> Path:
+    """A random SD folder of ``preset_name`` made by diffusers/transformers' own initialisers (host CPU), in the
+    layout ``load_base`` reads; marked as jsr-random (``_jsr_preset``) so stand-in teachers are allowed."""
+    import json
+
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from jsr.models.presets import preset
+    from jsr.weights.tiny import write_tokenizer
+
+    if (folder / "model_index.json").is_file():
+        return folder
+    cfg = preset(preset_name)
+    strip = lambda d: {k: v for k, v in d.items() if not k.startswith("_")}  # noqa: E731
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**strip(cfg["unet"])).save_pretrained(folder / "unet")
+    AutoencoderKL(**strip(cfg["vae"])).save_pretrained(folder / "vae")
+    te = {k: v for k, v in cfg["text_encoder"].items() if k not in ("architectures", "model_type")}
+    CLIPTextModel(CLIPTextConfig(**te)).save_pretrained(folder / "text_encoder")
+    write_tokenizer(folder / "tokenizer", cfg["text_encoder"]["max_position_embeddings"])
+    (folder / "scheduler").mkdir(parents=True, exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg["scheduler"]))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                          "_jsr_preset": preset_name, "_jsr_seed": seed}))
     return folder
 
 
@@ -185,7 +217,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model_dir) if args.model_dir else Path(tmp) / f"random-{args.preset}"
         t0 = time.perf_counter()
-        write_tiny_sd(model_dir, seed=0, preset_name=args.preset)
+        if args.base_writer == "torch":
+            _write_random_sd_torch(model_dir, args.preset)
+        else:
+            write_tiny_sd(model_dir, seed=0, preset_name=args.preset)
         base = load_base(model_dir, dtype=dtype, attention=args.attention, remat=args.remat)
         stage1_dir = _write_stage1(base, Path(tmp) / "stage1")
         print(f"random {args.preset} base written and loaded in {time.perf_counter() - t0:.1f} s "
