@@ -157,6 +157,9 @@ class TrainSetup:
       host_batch: ``f(batch, prompts) -> {key: array}``, optional: per-example arrays (batch axis first) the
         method's losses read beside ``hq``/``lq``/``c``, made on the host from the data batch and the step's
         prompts (CODSR's noun masks and their token positions); the loop puts them on the mesh with the batch.
+      frozen_axes: ``{key: tree}`` logical axis names (``jsr.models.common.logical_axes``, same structure as
+        ``frozen[key]``) of frozen entries other than the base ``unet``/``vae`` that should be sharded like the
+        base (a frozen CLIP vision encoder); entries not named here are replicated.
     """
 
     params: dict[str, dict[str, Any]]
@@ -166,6 +169,7 @@ class TrainSetup:
     requires: dict[str, str] = dataclasses.field(default_factory=dict)
     knob_defaults: dict[str, Any] = dataclasses.field(default_factory=dict)
     host_batch: Callable[[Mapping[str, Any], list[str]], dict[str, Any]] | None = None
+    frozen_axes: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def all_updates(self) -> list[Update]:
@@ -258,9 +262,10 @@ class Method:
         """Map the roles a user's files give (e.g. a plain ``unet`` LoRA) onto this method's roles."""
         return dict(roles)
 
-    def import_release(self, path: Any, base: Any) -> dict[str, Any] | None:
+    def import_release(self, path: Any, base: Any) -> Any:
         """``{role: tree}`` from this method's public release file at ``path``, or ``None`` if the file is not
-        one (it is then tried as another method's release or a peft LoRA)."""
+        one (it is then tried as another method's release or a peft LoRA). A method whose release implies knob
+        defaults (RCOD's preprocessing) returns a :class:`jsr.methods.export.Source` carrying them instead."""
         return None
 
     def module_template(self, role: str, config: Mapping[str, Any], base: Any) -> Any:

@@ -188,6 +188,8 @@ def read_source(path: str | os.PathLike, base: Any) -> Source:
             return Source(path, None, _legacy_export(path, base))
     for name in registry.names():
         roles = registry.get(name).import_release(path, base)
+        if isinstance(roles, Source):  # a release that also sets knob defaults
+            return roles
         if roles is not None:
             return Source(path, name, roles)
     return Source(path, None, _plain_loras(path, base))

@@ -79,12 +79,16 @@ def build(config, base, rng: jax.Array) -> tuple[Method, TrainSetup]:
 
 
 def _frozen_shardings(frozen: dict, base, mesh, shard: bool,
-                      rules: Any = sharding.DEFAULT_RULES) -> Any:
+                      rules: Any = sharding.DEFAULT_RULES, axes: Any = None) -> Any:
+    """Shardings of a method's frozen tree: the base ``unet``/``vae`` and the entries ``axes`` names
+    (``TrainSetup.frozen_axes``: a frozen vision encoder...) by ``rules`` when ``shard``; the rest replicated."""
     rep = sharding.replicated(mesh)
     out = jax.tree.map(lambda _: rep, frozen)
     if shard:
         out["unet"] = sharding.tree_shardings(frozen["unet"], common.logical_axes(base.models.unet), mesh, rules)
         out["vae"] = sharding.tree_shardings(frozen["vae"], common.logical_axes(base.models.vae), mesh, rules)
+        for key, logical in (axes or {}).items():
+            out[key] = sharding.tree_shardings(frozen[key], logical, mesh, rules)
     return out
 
 
@@ -140,7 +144,7 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
                  ", ".join(setup.params))
 
     rep = sharding.replicated(mesh)
-    frozen_sh = _frozen_shardings(setup.frozen, base, mesh, config.shard_frozen, rules)
+    frozen_sh = _frozen_shardings(setup.frozen, base, mesh, config.shard_frozen, rules, setup.frozen_axes)
     frozen = jax.device_put(setup.frozen, frozen_sh)
     state = init_state(setup.params, setup.all_updates, config.seed)
     state_sh = jax.tree.map(lambda _: rep, state)

@@ -11,7 +11,8 @@ Reading (:func:`load_peft_lora`) accepts:
   default 8 applies. OSEDiff's three UNet adapters ``default_encoder/decoder/others`` cover disjoint layers with one
   rank and alpha and become one LoRA ``"unet"`` (plus ``"vae"``); PiSA-SR's ``*_pix`` and ``*_sem`` adapters become
   ``"unet_pix"`` and ``"unet_sem"``. FiDeSR's file has OSEDiff's UNet layout (rank ``lora_rank_unet``, 8) plus an
-  ``lrrb_state_dict``: :func:`load_release` returns the LoRAs and such other entries from one read.
+  ``lrrb_state_dict``: :func:`load_release` returns the LoRAs and such other entries from one read. RCOD's file is
+  OSEDiff's plus ``state_dict_proj`` (a ``Linear``'s plain state dict: ``load_release(..., raw=("proj",))``).
 * **Plain peft/diffusers files**: ``adapter_model.safetensors`` (+ ``adapter_config.json``), diffusers'
   ``pytorch_lora_weights.safetensors`` (config in the file's ``lora_adapter_metadata``), or ``.bin``/``.pt``; keys
   in ``get_peft_model_state_dict`` form (``[base_model.model.]<module>.lora_A.weight``, optionally behind a
@@ -114,12 +115,15 @@ def load_peft_lora(path: str | os.PathLike, rank: int | None = None, alpha: floa
 
 
 def load_release(path: str | os.PathLike, rank: int | None = None, alpha: float | None = None, *,
-                 params: Mapping[str, Any] | None = None) -> tuple[dict[str, L.LoRA], dict[str, Any]]:
+                 params: Mapping[str, Any] | None = None,
+                 raw: Iterable[str] = ()) -> tuple[dict[str, L.LoRA], dict[str, Any]]:
     """A release ``torch.save`` dict (OSEDiff/PiSA-SR layout) read once: ``(loras, rest)``.
 
     ``loras`` are what :func:`load_peft_lora` returns for the file (same ``rank``/``alpha``/``params``
     handling); ``rest`` holds every other entry of the dict (target lists, ranks, and the method-specific ones
-    such as FiDeSR's ``lrrb_state_dict``), tensors as numpy arrays, for the method that knows them.
+    such as FiDeSR's ``lrrb_state_dict``), tensors as numpy arrays, for the method that knows them. ``raw``
+    names models whose ``state_dict_<model>`` is a plain module's state dict, not LoRA tensors (RCOD's
+    ``state_dict_proj``): those entries are left in ``rest`` as they are.
 
     Raises:
       PeftFormatError if the file is not such a dict (no ``state_dict_<model>`` entry), or as load_peft_lora.
@@ -129,9 +133,11 @@ def load_release(path: str | os.PathLike, rank: int | None = None, alpha: float 
     if not _is_release(obj):
         raise PeftFormatError(f"{file}: not a release checkpoint (a torch.save dict with state_dict_<model> "
                               "entries)")
-    loras = _from_release(obj, file, rank, alpha)
+    plain = {f"state_dict_{m}" for m in raw}
+    loras = _from_release({k: v for k, v in obj.items() if k not in plain}, file, rank, alpha)
     _check_params(loras, params, file)
-    rest = {k: v for k, v in obj.items() if not (isinstance(k, str) and k.startswith("state_dict_"))}
+    rest = {k: v for k, v in obj.items()
+            if k in plain or not (isinstance(k, str) and k.startswith("state_dict_"))}
     return loras, rest
 
 
