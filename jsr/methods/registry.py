@@ -16,7 +16,7 @@ from typing import Iterable
 from jsr.methods.api import Knob, Method
 
 BUILTIN_MODULES = ("jsr.methods.osediff", "jsr.methods.pisasr", "jsr.methods.ctsr", "jsr.methods.fidesr",
-                   "jsr.methods.codsr")
+                   "jsr.methods.rcod", "jsr.methods.codsr")
 # Old names kept working: the same method was `pisa` in training configs before the registry.
 ALIASES = {"pisa": "pisasr"}
 
