@@ -112,6 +112,40 @@ def write_tiny_sd(folder: str | os.PathLike, seed: int = 0, preset_name: str = "
     return folder
 
 
+# A CLIP ViT in miniature (RCOD's visual-prompt encoder on the tiny base): a 4 x 4 patch grid (17 tokens), width 48
+# (not the tiny UNet's cross-attention width 32, so the projection to it is a real map), OpenAI CLIP's quick_gelu.
+TINY_CLIP_VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                        image_size=32, patch_size=8, projection_dim=32, hidden_act="quick_gelu",
+                        layer_norm_eps=1e-5, num_channels=3)
+
+
+def write_tiny_clip_vision(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a transformers ``CLIPVisionModel`` folder (``config.json`` + ``model.safetensors``) with seeded random
+    weights of :data:`TINY_CLIP_VISION`; returns ``folder``. An existing folder is left as it is; written
+    atomically (concurrent test workers share it)."""
+    from jsr.models.clip_vision import CLIPVisionConfig, CLIPVisionModel
+    from jsr.weights.clip_vision import WEIGHTS_NAME, save_clip_vision
+
+    folder = Path(folder)
+    if (folder / WEIGHTS_NAME).is_file():
+        return folder
+    cfg = dict(TINY_CLIP_VISION, model_type="clip_vision_model", architectures=["CLIPVisionModel"])
+    module = CLIPVisionModel(CLIPVisionConfig.from_transformers(cfg))
+    tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+    save_clip_vision(module, _random_params(module, seed + 30), tmp)
+    try:
+        tmp.rename(folder)
+    except OSError:
+        if not (folder / WEIGHTS_NAME).is_file():
+            raise
+    return folder
+
+
+def default_tiny_clip_vision_dir(seed: int = 0) -> Path:
+    """Where the tiny CLIP vision stand-in lives: beside the tiny SD model, ``tiny-clip-vision-<seed>``."""
+    return default_tiny_sd_dir().with_name(f"tiny-clip-vision-{seed}")
+
+
 def default_tiny_sd_dir() -> Path:
     """Where the embedded default lives: ``$JSR_CACHE`` or ``~/.cache/jsr``, ``/tiny-sd``."""
     root = Path(os.environ.get("JSR_CACHE", Path.home() / ".cache" / "jsr"))
