@@ -1,4 +1,6 @@
-"""Shared start-up of jsr's absl command lines (``train.py``, ``evaluate.py``)."""
+"""Shared start-up of jsr's command lines (``train.py``, ``evaluate.py``, ``python -m jsr.infer``,
+``python -m jsr.weights``): help exits 0, an input the user gave that is wrong (a damaged weight file, a data
+folder with no usable image...) ends the run with one ``error: ...`` line and exit status 2, not a traceback."""
 
 from __future__ import annotations
 
@@ -6,15 +8,58 @@ import sys
 from typing import Callable
 
 HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
+USER_ERROR_STATUS = 2
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean "an input the user gave is wrong" (each message names the file or folder): they
+    are reported as one line with exit status 2. Imported here, when an error is being classified, so that
+    starting a command line does not pay for modules it may not use."""
+    from jsr.data.images import BadImageError
+    from jsr.data.pipeline import DataStarvationError
+    from jsr.models.lora import LoRAMismatchError
+    from jsr.weights.convert import CheckpointMismatchError
+    from jsr.weights.io import CorruptFileError
+    from jsr.weights.peft import PeftFormatError
+
+    return (CorruptFileError, CheckpointMismatchError, PeftFormatError, LoRAMismatchError, BadImageError,
+            DataStarvationError, FileNotFoundError)
+
+
+def one_line(error: BaseException) -> str:
+    """``error``'s message with its whitespace (newlines included) collapsed: one line for a terminal or a log."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+def report_user_error(error: BaseException) -> int:
+    """Print ``error: <message>`` on stderr; returns the exit status for it (2)."""
+    print(f"error: {one_line(error)}", file=sys.stderr)
+    return USER_ERROR_STATUS
+
+
+def guard(main: Callable[..., int | None]) -> Callable[..., int | None]:
+    """``main`` that returns status 2 after one ``error:`` line for :func:`user_errors` (other exceptions, which
+    are jsr's bugs, keep their traceback)."""
+
+    def guarded(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - classified below; anything else is re-raised untouched
+            if isinstance(e, user_errors()):
+                return report_user_error(e)
+            raise
+
+    guarded.__doc__, guarded.__name__ = main.__doc__, getattr(main, "__name__", "main")
+    return guarded
 
 
 def run(main: Callable) -> None:
     """``absl.app.run(main)``, except that asking for help exits 0 (absl's own exit status for it is 1, which
-    scripts and users read as a failure)."""
+    scripts and users read as a failure) and a user-input error exits 2 with one line (:func:`guard`)."""
     from absl import app
 
     try:
-        app.run(main)
+        app.run(guard(main))
     except SystemExit as e:
         if e.code == 1 and any(a in HELP_FLAGS for a in sys.argv[1:]):
             sys.exit(0)

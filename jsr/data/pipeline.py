@@ -9,7 +9,8 @@
       [process_index::process_count]  this host's share (after the random map: draws depend on the global index)
       .to_iter_dataset(ReadOptions)   threads per process
       .mp_prefetch(workers)           worker processes, each computing every ``num_workers``-th element
-      .filter(_SkipCounter)           in the main process: drop, count and log skip markers
+      .filter(_SkipCounter)           in the main process: drop, count and log skip markers; stop with
+                                      DataStarvationError after a whole pass without a usable example
       .batch(per-host batch)          in the main process, so batches do not depend on the worker count
       ThreadPrefetchIterDataset       batches assembled ahead in a background thread
 
@@ -224,19 +225,60 @@ class _CropDegrade(grain.transforms.RandomMap):
         return {"hq": hq, "lq": out["lq"], "lq_small": out["lq_small"], "prompt": example["prompt"], **extra}
 
 
-class _SkipCounter(grain.transforms.Filter):
-    """Drops skip markers in the main process, so the counts cover every worker; logs each with its name."""
+class DataStarvationError(ValueError):
+    """The data source yielded no usable example while every one of its items failed in a row (a whole pass: a
+    folder of unreadable or too-small images). The message is one line: the source and the skip reasons by
+    count."""
 
-    def __init__(self):
+
+class _SkipCounter(grain.transforms.Filter):
+    """Drops skip markers in the main process, so the counts cover every worker; logs each skipped item by name
+    (once: later epochs only count it), and raises :class:`DataStarvationError` once ``window`` distinct items
+    have failed since the last good example: without that, a source with no usable image makes the repeated
+    stream spin forever and a training run waits on its first batch for good.
+
+    Args:
+      source: how the error names the data (its folders).
+      window: distinct items that may fail in a row: the number of items this process can see, so the check
+        fires after one whole pass without a good example and never while good ones still come.
+    """
+
+    def __init__(self, source: str = "the data source", window: int = 0):
         self.counts: collections.Counter = collections.Counter()
+        self.source, self.window = source, int(window)
+        self._since_good: dict[str, tuple[str, str]] = {}  # name -> (reason, why), since the last good example
+        self._logged: set[str] = set()
 
     def filter(self, element: dict) -> bool:
         if "_skip" not in element:
+            if self._since_good:
+                self._since_good.clear()
             return True
-        self.counts[element["_skip"]] += 1
-        logging.warning("data: skipped %s (%s: %s); skipped so far: %s", element["name"], element["_skip"],
-                        element["why"], dict(self.counts))
+        name, reason = element["name"], element["_skip"]
+        self.counts[reason] += 1
+        if name not in self._logged:
+            self._logged.add(name)
+            logging.warning("data: skipped %s (%s: %s); skipped so far: %s", name, reason, element["why"],
+                            dict(self.counts))
+        self._since_good[name] = (reason, element["why"])
+        if self.window and len(self._since_good) >= self.window:
+            by_reason = collections.Counter(r for r, _ in self._since_good.values())
+            reasons = ", ".join(f"{r} {n}" for r, n in by_reason.most_common())
+            _, why = next(iter(self._since_good.values()))
+            raise DataStarvationError(
+                f"data: no usable image in {self.source}: all {len(self._since_good)} of its images were skipped "
+                f"in a row ({reasons}; e.g. {why})")
         return False
+
+
+def _describe(src: Any) -> str:
+    """How errors name a source: its folders, TFDS name, or repr."""
+    roots = getattr(src, "roots", None)
+    if roots:
+        return ", ".join(str(r) for r in roots)
+    if getattr(src, "name", None) and getattr(src, "split", None):
+        return f"TFDS {src.name}[{src.split}]"
+    return repr(src)
 
 
 def collate(examples: Sequence[dict]) -> dict:
@@ -287,7 +329,11 @@ def build_dataset(cfg: Mapping[str, Any] | ml_collections.ConfigDict | None = No
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(c.num_workers),
                                                          per_worker_buffer_size=int(c.worker_buffer_size)),
                             worker_init_fn=functools.partial(_init_worker, int(c.cv2_threads)))
-    counter = _SkipCounter()
+    # The items this process sees: all of them over the epochs when shuffled (each epoch a new permutation),
+    # else its fixed share of every epoch.
+    n = len(src)
+    window = n if c.shuffle or process_count == 1 else len(range(process_index, n, process_count))
+    counter = _SkipCounter(_describe(src), window)
     it = it.filter(counter)
     it = it.batch(c.batch_size // process_count, drop_remainder=bool(c.drop_remainder), batch_fn=collate)
     if c.prefetch_batches > 0:
@@ -301,11 +347,18 @@ class DataIterator:
     ``get_state()`` returns a JSON-serialisable dict; a new iterator built from the same config and given that
     state with ``set_state`` yields exactly the batches the first would have yielded next. ``skipped`` counts the
     images dropped so far in this process, by reason (``unreadable``, ``too_small``, ``degrade_failed``).
+    ``next`` raises :class:`DataStarvationError` when a whole pass over the source gave no usable example.
+
+    ``interrupt_safe``: an exception raised into a blocked ``next`` (a signal handler's) leaves ``get_state``
+    at the last batch returned. True when a prefetch thread assembles the batches (the main thread only waits on
+    its queue); with ``prefetch_batches=0`` the main thread is inside Grain's transforms, whose state may then be
+    half-advanced.
     """
 
-    def __init__(self, dataset: grain.IterDataset, counter: _SkipCounter):
+    def __init__(self, dataset: grain.IterDataset, counter: _SkipCounter, interrupt_safe: bool = False):
         self._iterator = iter(dataset)
         self._counter = counter
+        self.interrupt_safe = interrupt_safe
 
     def __iter__(self) -> "DataIterator":
         return self
@@ -343,7 +396,7 @@ def make_iterator(cfg: Mapping[str, Any] | ml_collections.ConfigDict | None = No
     if c.num_workers > 0 and not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # Grain's worker start reads absl flags; outside an absl app, their defaults
     dataset, counter = build_dataset(c, source=source, process_index=process_index, process_count=process_count)
-    return DataIterator(dataset, counter)
+    return DataIterator(dataset, counter, interrupt_safe=c.prefetch_batches > 0)
 
 
 # --------------------------------------------------------------------------------------------- devices

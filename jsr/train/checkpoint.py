@@ -12,16 +12,18 @@ Orbax writes into a temporary directory and renames it only once complete, so a 
 
 Preemption: :class:`PreemptionWatch` turns SIGTERM (what a TPU VM gets before maintenance/preemption) into a
 flag the loop checks at each step boundary; multi-host jobs also ask Orbax's ``reached_preemption``, which
-agrees on one step across hosts.
+agrees on one step across hosts. A wait for data that outlasts a short grace after the signal is cut short
+(:meth:`PreemptionWatch.waiting`), so a run whose input has stalled still stops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -104,17 +106,30 @@ class Checkpointer:
         self._manager.close()
 
 
+class Preempted(Exception):
+    """A watched signal cut short a blocking wait (:meth:`PreemptionWatch.waiting`)."""
+
+
 class PreemptionWatch:
-    """Turns SIGTERM (and optionally SIGINT) into a flag checked at step boundaries.
+    """Turns SIGTERM (and optionally SIGINT) into a flag checked at step boundaries, and cuts short a blocking wait
+    that would keep the run from reaching the next boundary.
 
     Use as a context manager; the previous handlers come back on exit. Only the main thread can install signal
     handlers; elsewhere the watch is inert (``requested`` stays False unless :meth:`request` is called).
+
+    Args:
+      signals: the signals watched.
+      grace: seconds a wait inside :meth:`waiting` may still take after a signal before :class:`Preempted` is
+        raised into it (a batch about to arrive still trains and is checkpointed, as at any step boundary; data
+        that never comes, e.g. a starving input pipeline, no longer keeps the run alive).
     """
 
-    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,), grace: float = 5.0):
         self._signals = signals
         self._previous: dict[int, Any] = {}
         self._event = threading.Event()
+        self.grace = float(grace)
+        self._waiting = False
 
     @property
     def requested(self) -> bool:
@@ -122,18 +137,50 @@ class PreemptionWatch:
         return self._event.is_set()
 
     def request(self, signum: int | None = None, frame: Any = None) -> None:  # noqa: ARG002 - signal API
-        """Mark that the run should save and stop at the next step boundary."""
+        """Mark that the run should save and stop at the next step boundary (or, inside :meth:`waiting`, once
+        the grace period is over)."""
         if not self._event.is_set():
             logging.warning("preemption: signal %s received; will checkpoint and stop at the next step", signum)
         self._event.set()
+        if self._waiting:
+            self._arm()
+
+    def _arm(self) -> None:
+        if self.grace <= 0:
+            raise Preempted("stop requested while waiting")
+        signal.setitimer(signal.ITIMER_REAL, self.grace)
+
+    def _alarm(self, signum: int, frame: Any) -> None:  # noqa: ARG002 - signal API
+        if self._waiting and self.requested:
+            raise Preempted(f"stop requested and the wait went on for {self.grace:g} s more")
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        """A blocking wait (for the next batch) that a watched signal ends: if one arrives before or during it
+        and the wait lasts ``grace`` seconds more, :class:`Preempted` is raised inside it. A no-op where the
+        watch could not install its handlers."""
+        if not self._previous:
+            yield
+            return
+        self._waiting = True
+        try:
+            if self.requested:
+                self._arm()
+            yield
+        finally:
+            self._waiting = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
     def __enter__(self) -> "PreemptionWatch":
         if threading.current_thread() is threading.main_thread():
             for s in self._signals:
                 self._previous[s] = signal.signal(s, self.request)
+            self._previous[signal.SIGALRM] = signal.signal(signal.SIGALRM, self._alarm)
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self._previous:
+            signal.setitimer(signal.ITIMER_REAL, 0)
         for s, handler in self._previous.items():
             signal.signal(s, handler)
         self._previous.clear()

@@ -27,6 +27,7 @@ from absl import logging
 
 import jsr.methods
 from jsr.data import make_iterator, shard_batch
+from jsr.data.pipeline import DataStarvationError
 from jsr.methods.api import Method, TrainSetup, split_knobs
 from jsr.methods.export import write_export
 from jsr.models import common
@@ -34,7 +35,7 @@ from jsr.sr import generator
 from jsr.sr.base import load_base
 from jsr.sr.prompts import drop_prompts
 from jsr.train import sharding
-from jsr.train.checkpoint import Checkpointer, PreemptionWatch
+from jsr.train.checkpoint import Checkpointer, Preempted, PreemptionWatch
 from jsr.train.step import TrainState, init_state, make_train_step
 from jsr.train.writers import Profiler, ProgressReporter, create_writer
 
@@ -196,9 +197,34 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
             writer.write_scalars(s, m)
         return m
 
+    def checkpoint_early_stop(why: str) -> None:
+        # A stop inside the data wait: the state is the last step's; the data state is the last batch's only
+        # when a prefetch thread owned the iterator (DataIterator.interrupt_safe), else resuming from the newest
+        # checkpoint is the exact stream.
+        newest = ckpt.latest_step() or 0
+        if step <= newest:
+            return
+        if getattr(it, "interrupt_safe", False):
+            ckpt.save(step, state, it.get_state(), force=True)
+        else:
+            logging.warning("%s: step %d not checkpointed (the input pipeline was stopped mid-batch with "
+                            "data.prefetch_batches=0); a resume starts from step %d", why, step, newest)
+
     with PreemptionWatch() as watch:
         while step < total:
-            batch = next(it)
+            try:
+                with watch.waiting():  # SIGTERM while no batch comes (stalled or starving input): stop anyway
+                    batch = next(it)
+            except Preempted:
+                checkpoint_early_stop("preempted while waiting for data")
+                status = "preempted"
+                logging.warning("preempted at step %d while waiting for data, exiting", step)
+                break
+            except DataStarvationError:
+                checkpoint_early_stop("no usable training data")
+                ckpt.close()
+                it.close()
+                raise
             if step in tuple(config.debug.nan_steps):
                 batch = dict(batch, hq=np.full_like(batch["hq"], np.nan))
             prompts = step_prompts(list(batch["prompt"]), null_ratio, config.seed, step)
