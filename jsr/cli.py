@@ -1,14 +1,49 @@
 """Shared start-up of jsr's command lines (``train.py``, ``evaluate.py``, ``python -m jsr.infer``,
 ``python -m jsr.weights``): help exits 0, an input the user gave that is wrong (a damaged weight file, a data
-folder with no usable image...) ends the run with one ``error: ...`` line and exit status 2, not a traceback."""
+folder with no usable image...) ends the run with one ``error: ...`` line and exit status 2, not a traceback,
+and JAX's persistent compilation cache is on (:func:`enable_compilation_cache`), so only the first run of a
+command compiles.
+
+The cache: ``$JAX_COMPILATION_CACHE_DIR`` when set, else ``$JSR_CACHE/xla`` (``~/.cache/jsr/xla``);
+``JSR_XLA_CACHE=DIR`` moves it, ``JSR_XLA_CACHE=off`` turns it off.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Callable
 
 HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
 USER_ERROR_STATUS = 2
+
+
+def compilation_cache_dir() -> Path | None:
+    """Where the command lines keep compiled XLA programs (see the module docstring); ``None``: off."""
+    choice = os.environ.get("JSR_XLA_CACHE", "")
+    if choice.lower() in ("off", "0", "false", "no"):
+        return None
+    if choice:
+        return Path(choice).expanduser()
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return Path(os.environ["JAX_COMPILATION_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("JSR_CACHE", Path.home() / ".cache" / "jsr")).expanduser() / "xla"
+
+
+def enable_compilation_cache() -> Path | None:
+    """Turn on JAX's persistent compilation cache at :func:`compilation_cache_dir` (off: make sure it is off);
+    returns the folder. Programs that compile in under a second are not stored (JAX's default threshold), so the
+    cache holds the train steps and restorer stages that take minutes on a CPU, not every small op."""
+    import jax
+
+    where = compilation_cache_dir()
+    if where is None:
+        jax.config.update("jax_compilation_cache_dir", None)
+        return None
+    where.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(where))
+    return where
 
 
 def user_errors() -> tuple[type[BaseException], ...]:
@@ -58,6 +93,7 @@ def run(main: Callable) -> None:
     scripts and users read as a failure) and a user-input error exits 2 with one line (:func:`guard`)."""
     from absl import app
 
+    enable_compilation_cache()
     try:
         app.run(guard(main))
     except SystemExit as e:

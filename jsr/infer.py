@@ -275,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``python -m jsr.infer``. Returns the exit status: 0 when every input was restored, 1 when some were
     skipped (each is listed on stderr), 2 when the model could not be loaded or the arguments are invalid."""
     args = build_parser().parse_args(argv)
+    from jsr.cli import enable_compilation_cache
+
+    enable_compilation_cache()
     try:
         opts = RestoreOptions(knobs=knob_flags(args), color_fix=args.color_fix, latent_tile=args.latent_tile,
                               latent_overlap=args.latent_overlap, vae_tile=args.vae_tile,

@@ -85,6 +85,8 @@ def test_train_py_on_a_folder_without_usable_images_exits_2_with_one_line(tmp_pa
     assert last.startswith("error: data: no usable image in " + str(folder)), last
     assert "unreadable 3, too_small 1" in last
     assert "Traceback" not in r.stderr
+    # The config goes to the workdir, not the console (issue 13's 110-line dump).
+    assert (tmp_path / "w" / "config.json").is_file() and "optim.b1" not in r.stderr
 
 
 def test_sigterm_while_waiting_for_data_ends_the_run(tmp_path):

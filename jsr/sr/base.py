@@ -56,11 +56,15 @@ def load_base(path: str | os.PathLike = "", *, dtype: Any = jnp.float32, param_d
       remat: gradient checkpointing in the UNet and VAE blocks (training).
       tiny_seed: seed of the embedded tiny model when ``path`` is empty.
     """
+    from jsr.console import notice
     from jsr.weights import load_text_encoder, load_unet, load_vae
     from jsr.weights.tiny import default_tiny_sd_dir, write_tiny_sd
 
     if not str(path):
-        folder = write_tiny_sd(default_tiny_sd_dir().with_name(f"tiny-sd-{tiny_seed}"), seed=tiny_seed)
+        folder = default_tiny_sd_dir().with_name(f"tiny-sd-{tiny_seed}")
+        if not (folder / "model_index.json").is_file():
+            notice(f"writing the embedded tiny random model to {folder} (first run only)...")
+        folder = write_tiny_sd(folder, seed=tiny_seed)
     else:
         folder = Path(path)
         missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / d).is_dir()]

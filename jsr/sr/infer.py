@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from jsr.console import compiling
 from jsr.sr import colorfix, tiling
 from jsr.sr.staged_tiling import TiledVAE
 
@@ -133,6 +134,7 @@ class Restorer:
     uses_image: bool = False
     label: str = ""
     context: Callable[[Any, "RestoreOptions"], Any] | None = None
+    _sizes_seen: set = dataclasses.field(default_factory=set, repr=False, compare=False)
 
     def __call__(self, x_up: np.ndarray, opts: RestoreOptions = RestoreOptions()) -> np.ndarray:
         """Restore a batch of upscaled LQ images [B, H, W, 3] in [0, 1] (any H, W) -> SR [B, H, W, 3] in [0, 1]
@@ -141,6 +143,11 @@ class Restorer:
         if x_up.ndim != 4 or x_up.shape[-1] != 3:
             raise ValueError(f"restorer wants NHWC RGB images [B, H, W, 3], got shape {x_up.shape}")
         padded, size = tiling.pad_to_multiple(x_up, max(self.factor, opts.pad_multiple))
+        key = (padded.shape, opts.latent_tile, opts.vae_tile, opts.tiles_per_call)
+        if key not in self._sizes_seen:  # a new size compiles what it needs: minutes for a real model on a CPU
+            self._sizes_seen.add(key)
+            b, h, w, _ = padded.shape
+            compiling(f"the {self.method} restorer for {b} x {w}x{h} images")
         x = padded * 2.0 - 1.0
         z = self._encode(x, opts)
         if self.uses_image:  # the pixels under each latent travel with it through the tiler (8x8 -> 192 channels)

@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 
 import jsr.methods
+from jsr.console import compiling, notice
 from jsr.data import make_iterator, shard_batch
 from jsr.data.pipeline import DataStarvationError
 from jsr.methods.api import Method, TrainSetup, split_knobs
@@ -48,6 +49,7 @@ class NonFiniteLossError(RuntimeError):
 # executable) instead of rebuilding closures that only hit the persistent cache: resuming in-process, tests.
 _STEPS: dict[tuple, Any] = {}
 _BASES: dict[tuple, Any] = {}
+_CALLED: set[tuple] = set()  # (run key, phase) of the steps already called (compiled) in this process
 # Config fields that never reach the compiled step.
 _NOT_IN_STEP = ("checkpoint", "log", "debug", "seed", "max_nonfinite", "multihost")
 
@@ -129,6 +131,7 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
     sharding.maybe_initialize_distributed(config.multihost)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
+        logging.info("config written to %s", workdir / "config.json")
     mesh_cfg = dict(config.mesh)
     n = mesh_cfg.pop("num_devices", -1)
     rules = sharding.parse_rules(mesh_cfg.pop("rules", sharding.DEFAULT_RULES))
@@ -186,6 +189,7 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
     pending: tuple[int, Any] | None = None
     last: dict[str, float] = {}
     status = "done"
+    previewed = False
 
     def report(s: int, metrics: Any) -> dict[str, float]:
         m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -236,7 +240,14 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
             device_batch = shard_batch(host, mesh)
             phase, updates = setup.updates_at(step)
             profiler(step)
+            first_call = (run_key, phase) not in _CALLED
+            if first_call:  # the call compiles (or reads the persistent cache): minutes on a CPU, say so
+                compiling("the train step" + (f" of phase {phase}" if len(setup.phases) > 1 else ""))
+                t_compile = time.perf_counter()
             state, metrics = step_fn(phase, updates)(state, frozen, device_batch)
+            if first_call:
+                _CALLED.add((run_key, phase))
+                notice(f"train step ready in {time.perf_counter() - t_compile:.0f} s; training to step {total}")
             step += 1
             if pending is not None:  # the previous step's metrics: ready by now, so reading them never stalls
                 last = report(*pending)
@@ -250,6 +261,9 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
             if config.log.image_every and step % config.log.image_every == 0:
                 n = int(config.log.images)
                 x_lq = device_batch["lq"][:n] * 2 - 1
+                if not previewed:
+                    compiling("the preview images' forward pass")
+                    previewed = True
                 sr = (preview(state.params, frozen, x_lq, device_batch["c"][:n]) + 1) / 2
                 writer.write_images(step, {"lq_sr_hq": np.concatenate(
                     [np.asarray(device_batch["lq"][:n]), np.asarray(sr), np.asarray(device_batch["hq"][:n])], 2)})

@@ -71,11 +71,12 @@ class Writer:
                 self._tb.add_text(k, v, step)
 
     def write_hparams(self, hparams: Mapping[str, Any]) -> None:
-        """Record the run's hyper-parameters (flattened config) as a text summary and in the log."""
+        """Record the run's hyper-parameters (flattened config) as a text summary. The log gets one line, not the
+        hundred-odd values: the training loop writes the whole config to the workdir's ``config.json``."""
         if jax.process_index() > 0:
             return
         text = "\n".join(f"{k}: {v}" for k, v in sorted(hparams.items()))
-        logging.info("hyper-parameters:\n%s", text)
+        logging.info("hyper-parameters: %d values (TensorBoard text 'hparams')", len(hparams))
         if self._tb is not None:
             self._tb.add_text("hparams", text.replace("\n", "  \n"), 0)
 

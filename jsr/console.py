@@ -1,0 +1,35 @@
+"""One line on stderr before a long phase that would otherwise be silent (writing the embedded tiny model,
+compiling a program), so that a minute without output on a first run is explained.
+
+Imports nothing from jsr, so every layer may use it. ``JSR_QUIET=1`` silences it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def notice(message: str) -> None:
+    """Print ``jsr: <message>`` on stderr (flushed at once: the phase that follows may take minutes)."""
+    if os.environ.get("JSR_QUIET", "") not in ("", "0"):
+        return
+    print(f"jsr: {message}", file=sys.stderr, flush=True)
+
+
+def cache_note() -> str:
+    """Where compiled programs persist, for a notice: ``slow on the first run only; cached in DIR`` or that the
+    persistent compilation cache is off."""
+    import jax
+
+    where = jax.config.jax_compilation_cache_dir
+    if not where:
+        return "the persistent compilation cache is off, so every run compiles again"
+    home = os.path.expanduser("~")
+    shown = "~" + where[len(home):] if home != "/" and where.startswith(home + os.sep) else where
+    return f"slow on the first run only; cached in {shown}"
+
+
+def compiling(what: str) -> None:
+    """The notice before the first call of a jitted program: ``jsr: compiling <what> (<cache note>)...``."""
+    notice(f"compiling {what} ({cache_note()})...")
