@@ -11,8 +11,12 @@ Files: a folder contributes its image files (by extension, not recursive); a glo
 as given. Each LQ is upscaled (bicubic, ``--upscale 4``) and restored by :class:`jsr.sr.infer.Restorer` (any
 size, tiled when large, colour-fixed). Same-size inputs are batched. Outputs go next to each input
 (``<stem><suffix>.<ext>``, suffix ``_sr``) or into ``--output``; an output name that would land on an input is
-changed (:func:`plan_outputs`), so inputs are never overwritten. A file that cannot be read (missing, empty, not
-an image PIL can decode) is reported and skipped; the others complete, and the exit status is 1.
+changed (:func:`plan_outputs`), so inputs are never overwritten. Outputs carry ``jsr.infer`` in their EXIF
+``Software`` tag (PNG, JPEG, WebP, TIFF); a folder or glob leaves out files with the suffix and that tag, so
+rerunning on a folder does not restore the previous run's results (``x_sr_sr.png``), and ``--skip-existing``
+makes the rerun restore nothing. A file that cannot be read (missing, empty, not an image PIL can decode) is
+named once and skipped; the others complete, and the exit status is 1. The inputs are checked before the model
+loads.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -30,6 +36,7 @@ import numpy as np
 from tqdm import tqdm
 
 import jsr.methods
+from jsr.cli import enable_compilation_cache, guard, report_user_error
 from jsr.methods.restorer import check_options, knob_overrides, load_restorer
 from jsr.sr import colorfix
 from jsr.sr.infer import Restorer, RestoreOptions, upscale_bicubic
@@ -38,6 +45,10 @@ from jsr.sr.infer import Restorer, RestoreOptions, upscale_bicubic
 # stay importable from here.
 from jsr.data.images import BadImageError, image_size, list_images, read_image, write_image  # noqa: F401
 from jsr.data.images import IMAGE_EXTENSIONS as IMAGE_EXTS
+from jsr.data.images import written_by
+
+# The EXIF Software tag of every image this tool writes: with the suffix, what marks a file as one of its outputs.
+OUTPUT_MARKER = "jsr.infer"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,11 +76,41 @@ class RunReport:
 # Files in and out
 
 
-def collect_inputs(specs: Iterable[str | os.PathLike]) -> tuple[list[Path], list[Failure]]:
+def is_own_output(path: str | os.PathLike, suffix: str = "_sr") -> bool:
+    """Whether ``path`` is an output of this tool: its stem ends with ``suffix`` (a ``_<n>`` disambiguation
+    counter allowed) and its metadata carries :data:`OUTPUT_MARKER` (written by :func:`restore`). Both are
+    needed, so a user's own ``photo_sr.png`` is still an input."""
+    p = Path(path)
+    stem = re.sub(r"_\d+$", "", p.stem) if suffix else p.stem
+    if suffix and not (p.stem.endswith(suffix) or stem.endswith(suffix)):
+        return False
+    return written_by(p) == OUTPUT_MARKER
+
+
+def collect_inputs(specs: Iterable[str | os.PathLike], suffix: str | None = None,
+                   own_outputs: list[Path] | None = None) -> tuple[list[Path], list[Failure]]:
     """Expand files, folders (their image files, sorted, not recursive) and globs (``**`` allowed) into a list
-    of files without duplicates, in order. A spec that names nothing is a :class:`Failure`."""
+    of files without duplicates, in order. A spec that names nothing is a :class:`Failure`.
+
+    With ``suffix`` (the run's output suffix), files a folder or glob finds that are outputs of this tool
+    (:func:`is_own_output`) are left out, and appended to ``own_outputs`` when given: a rerun on a folder does not
+    restore the previous run's results. A file named explicitly is always an input.
+    """
     files: list[Path] = []
     failed: list[Failure] = []
+
+    def found_in(spec_files: list[Path]) -> list[Path]:
+        if suffix is None:
+            return spec_files
+        keep = []
+        for f in spec_files:
+            if is_own_output(f, suffix):
+                if own_outputs is not None:
+                    own_outputs.append(f)
+            else:
+                keep.append(f)
+        return keep
+
     for spec in specs:
         spec = str(spec)
         p = Path(spec)
@@ -77,14 +118,14 @@ def collect_inputs(specs: Iterable[str | os.PathLike]) -> tuple[list[Path], list
             found = list_images(p, recursive=False)
             if not found:
                 failed.append(Failure(spec, f"folder has no image files ({', '.join(IMAGE_EXTS)})"))
-            files += found
+            files += found_in(found)
         elif p.exists():
             files.append(p)
         elif glob.has_magic(spec):
             found = sorted(Path(m) for m in glob.glob(spec, recursive=True) if Path(m).is_file())
             if not found:
                 failed.append(Failure(spec, "no file matches this pattern"))
-            files += found
+            files += found_in(found)
         else:
             failed.append(Failure(spec, "no such file or folder"))
     seen: set[Path] = set()
@@ -152,7 +193,11 @@ def restore(inputs: Sequence[str | os.PathLike], restorer: Restorer, opts: Resto
     log = log or (lambda msg: print(msg, file=sys.stderr))
     start = time.perf_counter()
     report = RunReport()
-    files, failed = collect_inputs(inputs)
+    own: list[Path] = []
+    files, failed = collect_inputs(inputs, suffix, own)
+    if own:
+        names = ", ".join(f.name for f in own[:5]) + (f" and {len(own) - 5} more" if len(own) > 5 else "")
+        log(f"left out {len(own)} output(s) of an earlier run ({names}); name a file to restore it")
     plan = plan_outputs(files, output, suffix, ext)
 
     def fail(path: Any, reason: str) -> None:
@@ -165,6 +210,9 @@ def restore(inputs: Sequence[str | os.PathLike], restorer: Restorer, opts: Resto
     for f in plan:
         if skip_existing and plan[f].exists():
             log(f"exists, skipped: {plan[f]}")
+            continue
+        if skip_existing and is_own_output(f, suffix):  # named explicitly, and a result already
+            log(f"an output of {OUTPUT_MARKER}, skipped: {f}")
             continue
         try:
             groups.setdefault(image_size(f), []).append(f)
@@ -194,7 +242,8 @@ def restore(inputs: Sequence[str | os.PathLike], restorer: Restorer, opts: Resto
                     continue
                 for f, img in zip(names, sr):
                     try:
-                        write_image(plan[f], img)
+                        write_image(plan[f], img, software=OUTPUT_MARKER,
+                                    description=json.dumps({"input": f.name, "method": restorer.method}))
                         report.done[str(f)] = str(plan[f])
                     except OSError as e:
                         fail(f, f"cannot write {plan[f]} ({e})")
@@ -266,40 +315,56 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--suffix", default="_sr", help="appended to each output's file stem (default _sr)")
     g.add_argument("--ext", default="png", choices=("png", "jpg", "webp", "bmp", "tif"), help="output format")
     g.add_argument("--skip_existing", "--skip-existing", action="store_true",
-                   help="leave inputs whose output exists alone")
+                   help="leave inputs whose output exists alone, and files named explicitly that are outputs of "
+                        "this tool (folders and globs always leave those out)")
     g.add_argument("--no_progress", "--no-progress", action="store_true", help="no progress bar")
     return p
 
 
+@guard
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m jsr.infer``. Returns the exit status: 0 when every input was restored, 1 when some were
-    skipped (each is listed on stderr), 2 when the model could not be loaded or the arguments are invalid."""
+    """``python -m jsr.infer``. Returns the exit status: 0 when every input was restored (or there was nothing
+    to do), 1 when some were skipped (each is named once on stderr), 2 when no input is usable, the model could
+    not be loaded or the arguments are invalid (one ``error:`` line, before any model is loaded where it can)."""
     args = build_parser().parse_args(argv)
-    from jsr.cli import enable_compilation_cache
-
-    enable_compilation_cache()
+    log = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     try:
         opts = RestoreOptions(knobs=knob_flags(args), color_fix=args.color_fix, latent_tile=args.latent_tile,
                               latent_overlap=args.latent_overlap, vae_tile=args.vae_tile,
                               vae_overlap=args.vae_overlap, tiles_per_call=args.tiles_per_call)
         if args.upscale <= 0:
             raise ValueError(f"--upscale must be positive, got {args.upscale}")
+    except ValueError as e:
+        return report_user_error(e)
+    enable_compilation_cache()
+    # The inputs first: a mistyped path should not cost a model load.
+    own: list[Path] = []
+    files, failed = collect_inputs(args.inputs, args.suffix, own)
+    for f in failed:
+        log(f"skipped {f.path}: {f.reason}")
+    if own:
+        names = ", ".join(f.name for f in own[:5]) + (f" and {len(own) - 5} more" if len(own) > 5 else "")
+        log(f"left out {len(own)} output(s) of an earlier run ({names}); name a file to restore it")
+    if not files:
+        if failed:
+            return report_user_error(ValueError("no input image to restore (see above)"))
+        log("nothing to restore")
+        return 0
+    try:
         restorer = load_restorer(args.model, args.lora, method=args.method, dtype=args.dtype, prompt=args.prompt,
                                  attention_impl=args.attention)
         check_options(restorer, opts)
     except (ValueError, FileNotFoundError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    report = restore(args.inputs, restorer, opts, output=args.output, suffix=args.suffix, ext=args.ext,
+        return report_user_error(e)
+    report = restore(files, restorer, opts, output=args.output, suffix=args.suffix, ext=args.ext,
                      upscale=args.upscale, batch_size=args.batch_size, skip_existing=args.skip_existing,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, log=log)
     n = len(report.done)
     per = f", {report.seconds / n:.2f} s/image" if n else ""
-    print(f"restored {n} image(s) with {restorer.method} in {report.seconds:.1f} s{per}", file=sys.stderr)
-    if report.failed:
-        print(f"{len(report.failed)} input(s) failed:", file=sys.stderr)
-        for f in report.failed:
-            print(f"  {f.path}: {f.reason}", file=sys.stderr)
+    log(f"restored {n} image(s) with {restorer.method} in {report.seconds:.1f} s{per}")
+    n_failed = len(failed) + len(report.failed)
+    if n_failed:
+        log(f"{n_failed} input(s) failed (each named above)")
         return 1
     return 0
 

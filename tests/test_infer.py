@@ -101,6 +101,45 @@ def test_skip_existing(tmp_path):
     assert report.ok and not report.done and (tmp_path / "a_sr.png").read_bytes() == b"keep"
 
 
+def test_rerunning_the_command_restores_nothing_new(tmp_path, monkeypatch, capsys):
+    """Issue 13 bug 4: outputs carry a marker; a folder rerun leaves them out (no ``chelsea_sr_sr.png``) and with
+    --skip-existing restores nothing. A user's own ``*_sr`` file (no marker) is still an input."""
+    monkeypatch.setattr(cli, "load_restorer", lambda *a, **k: standin_restorer())
+    _save(tmp_path / "chelsea.png", 16, 16)
+    _save(tmp_path / "mine_sr.png", 16, 16, seed=1)  # not written by jsr.infer
+    argv = [str(tmp_path), "--model", "unused", "--skip-existing", "--no-progress"]
+    assert cli.main(argv) == 0
+    assert "restored 2 image(s)" in capsys.readouterr().err
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["chelsea.png", "chelsea_sr.png", "mine_sr.png", "mine_sr_sr.png"]
+    assert cli.written_by(tmp_path / "chelsea_sr.png") == cli.OUTPUT_MARKER
+    assert json.loads(Image.open(tmp_path / "chelsea_sr.png").getexif()[0x010E])["input"] == "chelsea.png"
+
+    assert cli.main(argv) == 0  # the same command again
+    err = capsys.readouterr().err
+    assert "restored 0 image(s)" in err and "left out 2 output(s) of an earlier run" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    # Without --skip-existing the inputs are restored again, over their outputs; the outputs are not inputs.
+    assert cli.main(argv[:-2] + ["--no-progress"]) == 0
+    assert "restored 2 image(s)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
+    # Named explicitly, an output is an input (unless --skip-existing).
+    assert cli.main([str(tmp_path / "chelsea_sr.png"), "--model", "unused", "--skip-existing", "--no-progress"]) == 0
+    assert "an output of jsr.infer, skipped" in capsys.readouterr().err
+    assert cli.main([str(tmp_path / "chelsea_sr.png"), "--model", "unused", "--no-progress"]) == 0
+    assert (tmp_path / "chelsea_sr_sr.png").is_file()
+
+
+def test_inputs_are_checked_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    def no_load(*a, **k):
+        raise AssertionError("the model must not load when no input is usable")
+
+    monkeypatch.setattr(cli, "load_restorer", no_load)
+    assert cli.main([str(tmp_path / "missing.png"), "--model", "unused", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("missing.png") == 1 and err.strip().splitlines()[-1].startswith("error: no input image")
+
+
 def test_pipeline_tiled_equals_untiled_standin():
     x = np.random.default_rng(0).uniform(size=(2, 148, 212, 3)).astype(np.float32)
     r = standin_restorer()

@@ -40,6 +40,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".
 # float samples, ANYCOLOR keeps greyscale as one channel (no needless 3x decode work) and drops alpha.
 _DECODE_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+_EXIF_SOFTWARE, _EXIF_DESCRIPTION = 0x0131, 0x010E
 
 
 class BadImageError(ValueError):
@@ -165,22 +166,44 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
     return _levels(np.asarray(img, np.float32)).astype(np.uint8)
 
 
-def write_image(path: str | os.PathLike, img: np.ndarray) -> None:
+def write_image(path: str | os.PathLike, img: np.ndarray, *, software: str | None = None,
+                description: str | None = None) -> None:
     """Write [H, W, 3] (or [H, W]) float in [0, 1] as an 8-bit file; the format follows the extension.
 
-    Written to a temporary name in the same folder and renamed, so an interrupted run never leaves a truncated
-    file under the final name; the folder is created if needed.
+    ``software`` / ``description`` go into the file's EXIF ``Software`` / ``ImageDescription`` tags (PNG, JPEG,
+    WebP and TIFF carry them; BMP has no metadata), where :func:`written_by` reads them back: how a tool marks
+    its outputs. Written to a temporary name in the same folder and renamed, so an interrupted run never leaves a
+    truncated file under the final name; the folder is created if needed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = to_uint8(img)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    kwargs = {}
+    if (software or description) and path.suffix.lower() != ".bmp":
+        exif = Image.Exif()
+        if software:
+            exif[_EXIF_SOFTWARE] = software
+        if description:
+            exif[_EXIF_DESCRIPTION] = description
+        kwargs["exif"] = exif
     try:
-        Image.fromarray(arr).save(tmp)
+        Image.fromarray(arr).save(tmp, **kwargs)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def written_by(path: str | os.PathLike) -> str | None:
+    """The EXIF ``Software`` tag of an image file (what :func:`write_image` was given), from the header only;
+    ``None`` when there is none or the file is not a readable image."""
+    try:
+        with Image.open(path) as im:
+            value = im.getexif().get(_EXIF_SOFTWARE)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError):
+        return None
+    return str(value) if value is not None else None
 
 
 def list_images(root: str | os.PathLike, extensions: Sequence[str] = IMAGE_EXTENSIONS,
