@@ -287,9 +287,15 @@ class CODSR(Method):
         use_gan = cc.gan_weight > 0 and cc.gan_start < config.total_steps
         t_lo, t_hi = int(cc.t_min), int(cc.t_max)
         w_gan = float(cc.gan_weight)
+        frozen_axes = {}
         if use_gan:
+            from jsr.models.common import logical_axes
+
             backbone, bparams, layers = _backbone(cc, base, k_b, jnp.dtype(config.model.dtype))
             frozen["disc_backbone"] = bparams
+            # The frozen ViT is sharded like the base (fsdp/tensor rules); the heads, trainable, are replicated
+            # with every other trainable tree.
+            frozen_axes["disc_backbone"] = logical_axes(backbone)
             params["disc"] = {"heads": init_heads_params(k_h, backbone.config, layers, int(cc.disc_hidden))}
             disc = functools.partial(discriminator_logits, backbone, layers=layers, hidden=int(cc.disc_hidden))
 
@@ -328,7 +334,7 @@ class CODSR(Method):
                    Update("disc", disc_loss, common.optimizer(config))]
             phases = [(0, adv)] if cc.gan_start <= 0 else [(0, plain), (int(cc.gan_start), adv)]
         # The discriminator is a training device, not a result: only the generator's trees are exported.
-        return TrainSetup(params=params, phases=phases, frozen=frozen,
+        return TrainSetup(params=params, phases=phases, frozen=frozen, frozen_axes=frozen_axes,
                           export={"gen": {"unet": ExportEntry("unet"), "vae": ExportEntry("vae"),
                                           "sft": ExportEntry("sft", sft_cfg.to_dict())}})
 
