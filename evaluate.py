@@ -42,6 +42,9 @@ _VAE_TILE = flags.DEFINE_integer("vae_tile", 1024, "VAE tile in output pixels (0
 _VAE_OVERLAP = flags.DEFINE_integer("vae_overlap", 176,  # RestoreOptions' default
                                     "VAE tile overlap in output pixels (half of it is each tile's context).")
 _UPSCALE = flags.DEFINE_integer("upscale", 4, "Output size / LQ size.")
+_MAX_MEMORY = flags.DEFINE_string("max_memory", "0", "Host memory to plan each image size against (e.g. 8G; 0: no "
+                                  "budget), as python -m jsr.infer --max_memory.")
+_SPILL_DIR = flags.DEFINE_string("spill_dir", "", "Where --max_memory spills tile carries (default: the temp folder).")
 
 _DATASET = flags.DEFINE_multi_string("dataset", [], "Test set (repeatable): NAME:hq=DIR[,lq=DIR][,strip=REGEX]"
                                      "[,seed=N][,crop=N][,degradation=PRESET]. With lq: paired folders; without: "
@@ -90,6 +93,15 @@ def _knob_flags():
     return fixed, (swept[0] if swept else None)
 
 
+def _max_memory() -> int:
+    from jsr.infer import parse_bytes
+
+    try:
+        return parse_bytes(_MAX_MEMORY.value)
+    except Exception as e:  # noqa: BLE001 - argparse's error type: reported as a bad flag value
+        raise ValueError(f"--max_memory: {e}") from None
+
+
 def _setup():
     """Datasets, metrics and model from the flags; the inputs are checked before the (slow) model load."""
     import jsr.eval as ev
@@ -103,7 +115,7 @@ def _setup():
     fixed, sweep = _knob_flags()
     options = RestoreOptions(knobs=fixed, color_fix=_COLOR_FIX.value, latent_tile=_LATENT_TILE.value,
                              latent_overlap=_LATENT_OVERLAP.value, vae_tile=_VAE_TILE.value,
-                             vae_overlap=_VAE_OVERLAP.value)
+                             vae_overlap=_VAE_OVERLAP.value, max_memory=_max_memory(), spill_dir=_SPILL_DIR.value)
     suite = ev.load_metrics(lpips=_LPIPS.value, dists=_DISTS.value, inception=_INCEPTION.value, niqe=_NIQE.value,
                             pyiqa=_PYIQA.value, crop_border=_CROP_BORDER.value, fid_batch=_FID_BATCH.value,
                             fid_dims=int(_FID_DIMS.value), pyiqa_device=_PYIQA_DEVICE.value)

@@ -234,7 +234,14 @@ def restore(inputs: Sequence[str | os.PathLike], restorer: Restorer, opts: Resto
                 if not imgs:
                     continue
                 try:
-                    sr = restorer(np.stack(imgs), opts)
+                    batch = np.stack(imgs)
+                    del imgs
+                    steps = restorer.plan_input(batch.shape, opts).steps
+                    # Large images take minutes: a second bar moves per tile and VAE stage, not per image.
+                    with tqdm(total=steps, unit="step", desc=names[0].name, leave=False, file=sys.stderr,
+                              disable=not progress or steps < 20) as tiles:
+                        sr = restorer(batch, opts, tiles.update)
+                    del batch
                 except Exception as e:  # noqa: BLE001 - one failing batch (e.g. out of memory) must not end the run
                     for f in names:
                         fail(f, f"restoration failed ({type(e).__name__}: {e})")
@@ -254,6 +261,14 @@ def restore(inputs: Sequence[str | os.PathLike], restorer: Restorer, opts: Resto
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
+
+
+def parse_bytes(text: str) -> int:
+    """``"8G"``, ``"512M"``, ``"1.5GB"``, ``"2GiB"`` or a plain byte count -> bytes (powers of 1024)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(text).lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 8G, 512M, 1.5GB)")
+    return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2) or "_"))
 
 
 def add_knob_flags(p: argparse.ArgumentParser) -> None:
@@ -309,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vae_overlap", "--vae-overlap", type=int, default=RestoreOptions.vae_overlap,
                    help="VAE tile overlap in output pixels (half of it is each tile's context)")
     g.add_argument("--tiles_per_call", "--tiles-per-call", type=int, default=1, help="tiles batched per UNet/VAE call")
+    g.add_argument("--max_memory", "--max-memory", type=parse_bytes, default=0, metavar="SIZE",
+                   help="host memory to plan each image size against, e.g. 8G: the VAE's staged tiles keep their "
+                        "carries in memory while they fit, else spill them to --spill_dir, else (no disk room) run as "
+                        "blended tiles; the plan and its estimate are printed before the work (default: no budget)")
+    g.add_argument("--spill_dir", "--spill-dir", default="",
+                   help="where --max_memory spills tile carries (default: the system's temporary folder)")
     g.add_argument("--batch_size", "--batch-size", type=int, default=1, help="same-size images restored together")
     g = p.add_argument_group("output")
     g.add_argument("--output", "-o", help="output folder (default: next to each input)")
@@ -331,7 +352,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         opts = RestoreOptions(knobs=knob_flags(args), color_fix=args.color_fix, latent_tile=args.latent_tile,
                               latent_overlap=args.latent_overlap, vae_tile=args.vae_tile,
-                              vae_overlap=args.vae_overlap, tiles_per_call=args.tiles_per_call)
+                              vae_overlap=args.vae_overlap, tiles_per_call=args.tiles_per_call,
+                              max_memory=args.max_memory, spill_dir=args.spill_dir)
         if args.upscale <= 0:
             raise ValueError(f"--upscale must be positive, got {args.upscale}")
     except ValueError as e:

@@ -1,6 +1,7 @@
 """The VAE cut at its GroupNorms (jsr.models.vae_stages) and run tile by tile with whole-image statistics and
 attention (jsr.sr.staged_tiling)."""
 import dataclasses
+import os
 from fractions import Fraction
 
 import flax.linen as nn
@@ -178,3 +179,47 @@ def test_refuses_misaligned_input(tiny_vae):
         StagedTiler(vae_stages.encoder_stages(vae), params)(np.zeros((1, 36, 64, 3), np.float32), 32, 8, align=8)
     with pytest.raises(ValueError, match="first has no GroupNorm"):
         StagedTiler(vae_stages.encoder_stages(vae)[1:], params)
+
+
+
+def _rss() -> int:
+    """This process's resident memory now (bytes; Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads resident memory from /proc")
+def test_spilled_carries_keep_host_memory_flat(tiny_vae, tmp_path):
+    """Carries on disk between stages (issue 13, bug 2): the same output bit for bit, one progress step per stage
+    call, the folder left empty, and resident memory sampled after every call grows by the estimate's order when
+    the carries stay in memory but hardly at all when they are spilled, also at 4x the area."""
+    vae, params = tiny_vae
+    dec = StagedTiler(vae_stages.decoder_stages(vae), params)
+    rng = np.random.default_rng(0)
+    small, large = (rng.normal(size=(1, h, w, 4)).astype(np.float32) for h, w in ((32, 48), (64, 96)))
+
+    def run(z, **kw):
+        base, peak, steps = _rss(), [0], []
+
+        def tick(n):
+            steps.append(n)
+            peak.append(_rss() - base)
+
+        return dec(z, 16, 4, progress=tick, **kw), max(peak), len(steps)
+
+    dec(small, 16, 4)  # compile the stages for this window size
+    # Spilled runs first: what the in-memory run frees may stay with the process and hide a later run's growth.
+    _, grow_small, _ = run(small, spill_dir=tmp_path)
+    y_disk, grow_disk, n_disk = run(large, spill_dir=tmp_path)
+    y_mem, grow_mem, n_mem = run(large)
+    np.testing.assert_array_equal(y_disk, y_mem)
+    est = dec.estimate(large.shape, np.float32, 16, 4)
+    assert n_mem == n_disk == dec.steps(large.shape, 16, 4) == est.calls == len(dec.stages) * est.windows
+    assert list(tmp_path.iterdir()) == []
+    mib = 2 ** 20
+    print(f"resident growth: spilled {grow_small / mib:.1f} MiB (1x area), {grow_disk / mib:.1f} MiB (4x; "
+          f"estimate {est.spilled / mib:.1f}); in memory {grow_mem / mib:.1f} MiB (estimate "
+          f"{est.in_memory / mib:.1f}); disk {est.disk / mib:.1f} MiB")
+    assert est.spilled < 0.2 * est.in_memory
+    assert grow_mem > 0.5 * est.in_memory
+    assert grow_disk < 0.3 * grow_mem and grow_disk - grow_small < 0.3 * grow_mem

@@ -27,13 +27,20 @@ The pipeline for a batch of same-size LQ images (NHWC):
 
 Tiling keeps device memory bounded (one batch of tiles at a time, blending or assembling on the host); its error
 against a whole-image pass is discussed in :mod:`jsr.sr.tiling` (the latent step) and :mod:`jsr.sr.staged_tiling`
-(the VAE).
+(the VAE). Host memory: the staged VAE holds every window's activations of a stage, which for a large image can be
+far more than the machine has; ``RestoreOptions.max_memory`` makes :meth:`Restorer.plan` keep them in memory only
+while they fit beside the image's own buffers, spill them to disk otherwise, and fall back to blended VAE tiles
+when the disk has no room either. The plan and its estimate are printed when a size is first seen, and
+``progress`` moves per tile and per VAE stage. What stays proportional to the image: its own float32 buffers (the
+input, the output, the colour fix's temporaries: ~5 x 12 bytes per output pixel at the peak).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -42,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from jsr.console import compiling
+from jsr.console import compiling, notice
 from jsr.sr import colorfix, tiling
 from jsr.sr.staged_tiling import TiledVAE
 
@@ -75,6 +82,10 @@ class RestoreOptions:
         clipped to leave one step of 8 pixels (1 latent).
       tiles_per_call: tiles batched into one call of the UNet / VAE.
       pad_multiple: pad the upscaled image to a multiple of this (8: the VAE's downsampling).
+      max_memory: host memory in bytes the restorer plans each image size against (:meth:`Restorer.plan`): the
+        VAE's staged tiles keep their carries in memory while they fit, else on disk under ``spill_dir``, else
+        (no disk) the VAE runs as blended tiles; ``0`` = no budget (staged tiles in memory).
+      spill_dir: where spilled carries go (default: the system's temporary folder).
     """
 
     knobs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -85,6 +96,8 @@ class RestoreOptions:
     vae_overlap: int = 176
     tiles_per_call: int = 1
     pad_multiple: int = 8
+    max_memory: int = 0
+    spill_dir: str = ""
 
     def __post_init__(self):
         if self.color_fix not in colorfix.METHODS:
@@ -97,10 +110,58 @@ class RestoreOptions:
                              ">= 0")
         if self.pad_multiple % 8:
             raise ValueError(f"pad_multiple must be a multiple of 8, got {self.pad_multiple}")
+        if self.max_memory < 0:
+            raise ValueError(f"max_memory must be >= 0 bytes (0: no budget), got {self.max_memory}")
 
     def with_knobs(self, **knobs: Any) -> "RestoreOptions":
         """A copy with ``knobs`` set (over the ones already set)."""
         return dataclasses.replace(self, knobs={**self.knobs, **knobs})
+
+
+GB = 2 ** 30
+VAE_MODES = ("whole", "staged", "spilled", "blended")
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPlan:
+    """How :class:`Restorer` runs one input size, and what that needs (bytes, estimated from the shapes before
+    any work: host arrays the restorer holds, not the parameters, XLA's temporaries or the runtime).
+
+    Attributes:
+      shape: the padded input ``[B, H, W, 3]``.
+      encode, decode: how the VAE runs: ``whole`` (not tiled), ``staged`` (tiles with whole-image statistics,
+        carries in memory), ``spilled`` (the same, carries on disk), ``blended`` (tiles with their own
+        statistics, Gaussian-blended: the fall-back when neither fits).
+      host: estimated peak host memory; ``disk``: what spilling writes at most.
+      per_call: the largest tile call's input and output (what a device holds besides parameters and
+        temporaries).
+      steps: progress steps (VAE stage calls, latent tiles).
+      budget: ``max_memory`` (0: none); ``spill_dir``: where carries are spilled.
+    """
+
+    shape: tuple[int, ...]
+    encode: str
+    decode: str
+    host: int
+    disk: int
+    per_call: int
+    steps: int
+    budget: int = 0
+    spill_dir: str = ""
+
+    def describe(self) -> str:
+        """One line for the console: the plan and the estimate."""
+        b, h, w, _ = self.shape
+        parts = [f"{b} x {w}x{h}: VAE encode {self.encode}, decode {self.decode}"]
+        if "spilled" in (self.encode, self.decode):
+            parts.append(f"{self.disk / GB:.2f} GB spilled to {self.spill_dir or tempfile.gettempdir()}")
+        est = f"host memory ~{self.host / GB:.2f} GB"
+        if self.budget:
+            est += f" of the {self.budget / GB:.2f} GB budget" + (" (over it: the image's own buffers need that "
+                                                                   "much)" if self.host > self.budget else "")
+        parts.append(est)
+        parts.append(f"{self.per_call / 2**20:.0f} MB per tile call; {self.steps} steps")
+        return "; ".join(parts)
 
 
 EncodeFn = Callable[[Any], Any]  # [n, H, W, 3] in [-1, 1] -> [n, H/8, W/8, 4] scaled latents
@@ -135,49 +196,158 @@ class Restorer:
     label: str = ""
     context: Callable[[Any, "RestoreOptions"], Any] | None = None
     _sizes_seen: set = dataclasses.field(default_factory=set, repr=False, compare=False)
+    _plans: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
-    def __call__(self, x_up: np.ndarray, opts: RestoreOptions = RestoreOptions()) -> np.ndarray:
+    def __call__(self, x_up: np.ndarray, opts: RestoreOptions = RestoreOptions(),
+                 progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Restore a batch of upscaled LQ images [B, H, W, 3] in [0, 1] (any H, W) -> SR [B, H, W, 3] in [0, 1]
-        (float32, numpy)."""
+        (float32, numpy). ``progress(n)`` is called as tiles and VAE stages complete (:attr:`MemoryPlan.steps`
+        in all). A new size is announced with its plan (:meth:`plan`) before any work."""
         x_up = np.asarray(x_up, np.float32)
         if x_up.ndim != 4 or x_up.shape[-1] != 3:
             raise ValueError(f"restorer wants NHWC RGB images [B, H, W, 3], got shape {x_up.shape}")
         padded, size = tiling.pad_to_multiple(x_up, max(self.factor, opts.pad_multiple))
-        key = (padded.shape, opts.latent_tile, opts.vae_tile, opts.tiles_per_call)
+        plan = self.plan(padded.shape, opts)
+        key = (padded.shape, opts.latent_tile, opts.vae_tile, opts.tiles_per_call, opts.max_memory)
         if key not in self._sizes_seen:  # a new size compiles what it needs: minutes for a real model on a CPU
             self._sizes_seen.add(key)
             b, h, w, _ = padded.shape
             compiling(f"the {self.method} restorer for {b} x {w}x{h} images")
-        x = padded * 2.0 - 1.0
-        z = self._encode(x, opts)
+            if opts.max_memory or "whole" not in (plan.encode, plan.decode):
+                notice("plan: " + plan.describe())
+        # [-1, 1], in place where padding made a copy (the caller's array is never written); the padded copy is
+        # not kept beside it: at 8000x6000 every image-sized float32 buffer is 576 MB.
+        x = padded if padded is not x_up else np.array(padded)
+        x *= 2.0
+        x -= 1.0
+        del padded
+        z = self._encode(x, opts, plan.encode, progress)
         if self.uses_image:  # the pixels under each latent travel with it through the tiler (8x8 -> 192 channels)
             b, h, w, _ = z.shape
             f = self.factor
             px = x.reshape(b, h, f, w, f, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, f * f * 3)
             z = np.concatenate([z, px.astype(np.float32)], axis=-1)
+            del px
         if self.context is None:
             step = lambda zt: self.latent(zt, opts)  # noqa: E731
         else:
             ctx = self.context(x, opts)
             step = lambda zt: self.latent(zt, opts, ctx)  # noqa: E731
-        z = tiling.tiled_map(step, z, opts.latent_tile, opts.latent_overlap, tiles_per_call=opts.tiles_per_call)
-        y = self._decode(z, opts)
-        y = (np.clip(tiling.crop_to(y, size), -1.0, 1.0) + 1.0) / 2.0
+        del x
+        z = tiling.tiled_map(step, z, opts.latent_tile, opts.latent_overlap, tiles_per_call=opts.tiles_per_call,
+                             progress=progress)
+        y = self._decode(z, opts, plan.decode, progress)
+        if not y.flags.writeable:  # a view of a device buffer (untiled decode): small, copy it
+            y = np.array(y)
+        y = tiling.crop_to(y, size)
+        np.clip(y, -1.0, 1.0, out=y)
+        y += 1.0
+        y /= 2.0
         return np.asarray(colorfix.color_fix(y, x_up, opts.color_fix, clip=True), np.float32)
 
-    def _encode(self, x: np.ndarray, opts: RestoreOptions) -> np.ndarray:
-        if not opts.vae_tile or max(x.shape[1:3]) <= opts.vae_tile:  # one tile: the whole-image program
-            return np.asarray(self.encode(x), np.float32)
-        if self.tiled_vae is not None:
-            return self.tiled_vae.encode(x, opts.vae_tile, opts.vae_overlap, opts.tiles_per_call)
-        return tiling.tiled_encode(self.encode, x, opts.vae_tile, opts.vae_overlap, opts.tiles_per_call,
-                                   self.factor)
-
-    def _decode(self, z: np.ndarray, opts: RestoreOptions) -> np.ndarray:
+    def _vae_tiles(self, opts: RestoreOptions) -> tuple[int, int]:
+        """The decoder's tile and overlap in latent pixels."""
         tile = max(1, opts.vae_tile // self.factor)
-        if not opts.vae_tile or max(z.shape[1:3]) <= tile:
-            return np.asarray(self.decode(z), np.float32)
-        overlap = min(tile - 1, -(-opts.vae_overlap // self.factor))
-        if self.tiled_vae is not None:
-            return self.tiled_vae.decode(z, tile, overlap, opts.tiles_per_call)
-        return tiling.tiled_decode(self.decode, z, tile, overlap, opts.tiles_per_call, self.factor)
+        return tile, min(tile - 1, -(-opts.vae_overlap // self.factor))
+
+    def plan(self, shape: Sequence[int], opts: RestoreOptions = RestoreOptions()) -> MemoryPlan:
+        """How a call on a padded input of ``shape`` [B, H, W, 3] runs under ``opts.max_memory`` and what it
+        needs (:class:`MemoryPlan`). Per VAE direction: ``whole`` when the image fits one tile (never tiled);
+        else ``staged`` when its carries fit the budget beside the image buffers (or there is no budget),
+        ``spilled`` when they do not and the spill folder has room, else ``blended``. Planned once per size and
+        options (tracing the full VAE's stages takes seconds)."""
+        key = (tuple(int(v) for v in shape), opts.vae_tile, opts.vae_overlap, opts.latent_tile, opts.latent_overlap,
+               opts.tiles_per_call, opts.max_memory, opts.spill_dir)
+        if key not in self._plans:
+            self._plans[key] = self._plan(shape, opts)
+        return self._plans[key]
+
+    def plan_input(self, shape: Sequence[int], opts: RestoreOptions = RestoreOptions()) -> MemoryPlan:
+        """:meth:`plan` for an unpadded input of ``shape`` [B, H, W, 3] (what ``__call__`` pads it to)."""
+        m = max(self.factor, opts.pad_multiple)
+        b, h, w = int(shape[0]), int(shape[1]), int(shape[2])
+        return self.plan((b, h + -h % m, w + -w % m, 3), opts)
+
+    def _plan(self, shape: Sequence[int], opts: RestoreOptions) -> MemoryPlan:
+        b, h, w, _ = (int(v) for v in shape)
+        f = self.factor
+        image = b * h * w * 3 * 4  # one float32 image-sized buffer
+        latent = (b, h // f, w // f, 4)
+        lt_steps = tiling.tile_calls(latent, opts.latent_tile, opts.latent_overlap, 1, opts.tiles_per_call)
+        spill_dir = opts.spill_dir or tempfile.gettempdir()
+        budget = int(opts.max_memory)
+        tiled = bool(opts.vae_tile) and max(h, w) > opts.vae_tile
+        dec_tile, dec_overlap = self._vae_tiles(opts)
+        # Host buffers outside the VAE by phase: the caller's image and x while encoding; with the LQ pixels
+        # beside the latent (uses_image) while stepping; the output and colour fix's temporaries at the end.
+        enc_fixed, dec_fixed = 2 * image, image
+        step_fixed = 2 * image + (2 * image if self.uses_image else 0)
+        fix_peak = 5 * image
+        if not tiled:
+            return MemoryPlan((b, h, w, 3), "whole", "whole", max(enc_fixed, step_fixed, dec_fixed + image, fix_peak),
+                              0, 0, 2 + lt_steps, budget, opts.spill_dir)
+        # Calls of blended VAE tiles (tiling.tiled_encode's rounding of the tile and overlap to whole latents).
+        enc_blended = tiling.tile_calls((b, h, w, 3), max(f, opts.vae_tile - opts.vae_tile % f),
+                                        -(-opts.vae_overlap // f) * f, f, opts.tiles_per_call)
+        dec_blended = tiling.tile_calls(latent, dec_tile, dec_overlap, 1, opts.tiles_per_call)
+        if self.tiled_vae is None:  # stand-in maps: blended tiles, one tile at a time
+            steps = enc_blended + lt_steps + dec_blended
+            return MemoryPlan((b, h, w, 3), "blended", "blended",
+                              max(enc_fixed, step_fixed, dec_fixed + image + image // 3, fix_peak), 0, 0, steps,
+                              budget, opts.spill_dir)
+        enc = self.tiled_vae.encode_estimate((b, h, w, 3), opts.vae_tile, opts.vae_overlap, opts.tiles_per_call)
+        dec = self.tiled_vae.decode_estimate(latent, dec_tile, dec_overlap, opts.tiles_per_call)
+        free = _free_disk(spill_dir)
+        used_disk = 0
+
+        def choose(est, fixed: int, blended_extra: int) -> tuple[str, int]:
+            nonlocal used_disk
+            if not budget or fixed + est.in_memory <= budget:
+                return "staged", fixed + est.in_memory
+            if free >= 1.1 * est.disk:
+                used_disk = max(used_disk, est.disk)
+                return "spilled", fixed + est.spilled
+            return "blended", fixed + est.per_call + blended_extra
+
+        enc_mode, enc_peak = choose(enc, enc_fixed, 0)
+        dec_mode, dec_peak = choose(dec, dec_fixed, image + image // 3)
+        steps = (enc.calls if enc_mode != "blended" else enc_blended) + lt_steps + (
+            dec.calls if dec_mode != "blended" else dec_blended)
+        return MemoryPlan((b, h, w, 3), enc_mode, dec_mode, max(enc_peak, step_fixed, dec_peak, fix_peak),
+                          used_disk, max(enc.per_call, dec.per_call), steps, budget, opts.spill_dir)
+
+    def _encode(self, x: np.ndarray, opts: RestoreOptions, mode: str,
+                progress: Callable[[int], None] | None) -> np.ndarray:
+        if mode == "whole":  # one tile: the whole-image program
+            z = np.asarray(self.encode(x), np.float32)
+            if progress is not None:
+                progress(1)
+            return z
+        if mode in ("staged", "spilled"):
+            spill = (opts.spill_dir or tempfile.gettempdir()) if mode == "spilled" else None
+            return self.tiled_vae.encode(x, opts.vae_tile, opts.vae_overlap, opts.tiles_per_call, spill_dir=spill,
+                                         progress=progress)
+        return tiling.tiled_encode(self.encode, x, opts.vae_tile, opts.vae_overlap, opts.tiles_per_call,
+                                   self.factor, progress=progress)
+
+    def _decode(self, z: np.ndarray, opts: RestoreOptions, mode: str,
+                progress: Callable[[int], None] | None) -> np.ndarray:
+        if mode == "whole":
+            y = np.asarray(self.decode(z), np.float32)
+            if progress is not None:
+                progress(1)
+            return y
+        tile, overlap = self._vae_tiles(opts)
+        if mode in ("staged", "spilled"):
+            spill = (opts.spill_dir or tempfile.gettempdir()) if mode == "spilled" else None
+            return self.tiled_vae.decode(z, tile, overlap, opts.tiles_per_call, spill_dir=spill, progress=progress)
+        return tiling.tiled_decode(self.decode, z, tile, overlap, opts.tiles_per_call, self.factor,
+                                   progress=progress)
+
+
+def _free_disk(folder: str) -> int:
+    """Free bytes where ``folder`` lies (0 when it cannot be told)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return 0

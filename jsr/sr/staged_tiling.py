@@ -16,7 +16,10 @@ seams. Here the network runs stage by stage over all tiles:
 4. The output is the mosaic of the last stage's cores: no blending.
 
 Between stages the carries of all windows live on the host (numpy), so device memory holds one batch of windows;
-host memory holds the current stage's activations for the whole image (plus the overlap).
+host memory holds the current stage's activations for the whole image (plus the overlap): with SD's VAE (128-512
+channels) that is tens of GB for a 4096x3072 output. With ``spill_dir`` the carries go to files there instead
+(written and read whole, one call's worth in memory at a time), and :meth:`StagedTiler.estimate` says beforehand
+what either way needs; :meth:`jsr.sr.infer.Restorer.plan` chooses between them under a memory budget.
 
 Exactness. The norms are the whole image's up to how far window borders reach into the cores: convolutions at a
 window's inner border see zero padding instead of the neighbour, and the error grows inwards by each layer's
@@ -27,9 +30,13 @@ the measured figures.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import os
+import tempfile
 import warnings
 from fractions import Fraction
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -83,8 +90,88 @@ def _stage_call(stage: Stage, next_groups: int):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Some donated buffers were not usable")
             return jitted(*args)
-    run.fn = call  # unjitted, for memory accounting (benchmarks/tiled_vae.py)
+    run.fn = call  # unjitted, for memory accounting (benchmarks/tiled_vae.py, StagedTiler.estimate)
+    run.next_groups = next_groups
     return run
+
+
+@dataclasses.dataclass(frozen=True)
+class StagedEstimate:
+    """What a staged run of one image size needs (bytes), from the stages' shapes (``jax.eval_shape``; nothing
+    runs).
+
+    Attributes:
+      windows, calls: windows of the image; stage calls (= progress steps: stages x calls per stage).
+      in_memory: peak host bytes with every window's carries held in memory between stages.
+      spilled: peak host bytes with the carries on disk (one call's carries in memory, plus the whole-image
+        arrays: the gathered attention inputs and the output mosaic).
+      disk: disk the spilled run writes at most (one stage's carries in and out).
+      per_call: one call's input and output carries (what a device holds besides the parameters and XLA's
+        temporaries).
+    """
+
+    windows: int
+    calls: int
+    in_memory: int
+    spilled: int
+    disk: int
+    per_call: int
+
+
+def _nbytes(tree: Any) -> int:
+    return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+class _CarryStore:
+    """The carries of the current stage, one dict of arrays per call: in memory, or each in a ``.npy`` file of a
+    temporary folder (written and read whole, not memory-mapped: mapped pages would count in the process's
+    resident memory until the kernel wrote them back)."""
+
+    def __init__(self, spill_dir: str | os.PathLike | None):
+        self._tmp = None if spill_dir is None else tempfile.TemporaryDirectory(prefix="jsr-tiles-",
+                                                                               dir=str(spill_dir))
+        self._items: dict[int, dict[str, Any]] = {}
+        self._serial = 0
+
+    def put(self, i: int, carry: dict[str, Any]) -> None:
+        if self._tmp is None:
+            self._items[i] = carry
+            return
+        old = self._items.get(i, {})
+        paths = {}
+        for key, value in carry.items():
+            self._serial += 1
+            path = os.path.join(self._tmp.name, f"{i}-{key}-{self._serial}.npy")
+            np.save(path, np.asarray(value), allow_pickle=False)
+            paths[key] = path
+        self._drop(old)
+        self._items[i] = paths
+
+    def get(self, i: int, key: str | None = None) -> Any:
+        """Call ``i``'s carry (a dict), or its array ``key``."""
+        item = self._items[i]
+        if self._tmp is None:
+            return item if key is None else item[key]
+        if key is not None:
+            return np.load(item[key])
+        return {k: np.load(path) for k, path in item.items()}
+
+    def pop(self, i: int, key: str) -> Any:
+        value = self.get(i, key)
+        entry = self._items[i].pop(key)
+        if self._tmp is not None:
+            os.remove(entry)
+        return value
+
+    def _drop(self, item: dict) -> None:
+        if self._tmp is not None:
+            for path in item.values():
+                os.remove(path)
+
+    def close(self) -> None:
+        self._items.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
 
 
 class StagedTiler:
@@ -101,16 +188,9 @@ class StagedTiler:
         nxt = [s.groups for s in self.stages[1:]] + [0]
         self.calls = [_stage_call(s, g) for s, g in zip(self.stages, nxt)]
 
-    def __call__(self, x: np.ndarray | jax.Array, tile: int, overlap: int, *, align: int = 1,
-                 tiles_per_call: int = 1) -> np.ndarray:
-        """The staged network on ``x`` [B, H, W, C] (NHWC, the network's input range) in windows of ``tile``
-        input pixels (clipped to the image) overlapping by at least ``overlap``; starts are multiples of
-        ``align`` (the network's total downsampling, so every window maps onto whole pixels at every stage).
-
-        Returns numpy float32 [B, H s, W s, C'] with ``s`` the last stage's scale. One window covering the image
-        computes what the untiled network does.
-        """
-        b, h, w, _ = x.shape
+    def _layout(self, shape: Sequence[int], tile: int, overlap: int, align: int, tiles_per_call: int):
+        """``(windows, groups padded to k windows, real windows per group, k, th, tw)`` for an input ``shape``."""
+        b, h, w = shape[0], shape[1], shape[2]
         th, tw = min(tile, h), min(tile, w)
         if h % align or w % align or th % align or tw % align:
             raise ValueError(f"staged tiling: image {h}x{w} and tile {th}x{tw} must be multiples of {align}")
@@ -125,33 +205,103 @@ class StagedTiler:
         groups = [windows[g:g + k] for g in range(0, len(windows), k)]
         real = [len(grp) for grp in groups]
         groups = [grp + [grp[-1]] * (k - len(grp)) for grp in groups]
+        return windows, groups, real, k, th, tw
 
-        carries = [{"x": np.concatenate([np.asarray(x[:, w_.y:w_.y + th, w_.x:w_.x + tw]) for w_ in grp], 0)}
-                   for grp in groups]
+    def steps(self, shape: Sequence[int], tile: int, overlap: int, *, align: int = 1,
+              tiles_per_call: int = 1) -> int:
+        """How many stage calls (progress steps) a run on an input of ``shape`` makes."""
+        return len(self.stages) * len(self._layout(shape, tile, overlap, align, tiles_per_call)[1])
+
+    def estimate(self, shape: Sequence[int], dtype: Any, tile: int, overlap: int, *, align: int = 1,
+                 tiles_per_call: int = 1) -> StagedEstimate:
+        """Memory of a run on an input of ``shape`` and ``dtype`` (:class:`StagedEstimate`), from the stages'
+        output shapes. Host arrays are counted; NumPy/JAX bookkeeping and the parameters are not."""
+        windows, groups, _, k, th, tw = self._layout(shape, tile, overlap, align, tiles_per_call)
+        b, h, w = shape[0], shape[1], shape[2]
+        n = len(groups)
+        sds = jax.ShapeDtypeStruct
+        carry = {"x": sds((k * b, th, tw, shape[3]), dtype)}
         mean = var = context = None
+        in_memory = spilled = disk = per_call = 0
+        image_in = int(np.prod(shape)) * np.dtype(dtype).itemsize  # the windows are cut from it
         for stage, call in zip(self.stages, self.calls):
-            stats: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-            mb = None if mean is None else np.tile(mean, (k, 1))
-            vb = None if var is None else np.tile(var, (k, 1))
-            for gi, grp in enumerate(groups):
-                masks = np.concatenate([np.repeat(w_.core_mask(stage.scale)[None], b, 0) for w_ in grp], 0)
-                out, mom = call(self.params, carries[gi], mb, vb, context, masks)
-                carries[gi] = jax.tree.map(np.asarray, out)
-                if mom is not None:
-                    cnt, mu, m2 = (np.asarray(a, np.float64) for a in mom)
-                    stats += [(cnt[t * b], mu[t * b:(t + 1) * b], m2[t * b:(t + 1) * b]) for t in range(real[gi])]
-            mean = var = context = None
-            if stats:
-                mean, var = _combine(*(np.stack(a) for a in zip(*stats)))
-                mean, var = mean.astype(np.float32), var.astype(np.float32)
+            mask = sds((k * b, scaled(th, stage.scale), scaled(tw, stage.scale)), np.float32)
+            out, _ = jax.eval_shape(call.fn, self.params, carry, mean, var, context, mask)
+            c_in, c_out = _nbytes(carry), _nbytes(out)
+            ctx = 2 * _nbytes(context)  # the mosaic and its device copy
+            in_memory = max(in_memory, n * max(c_in, c_out) + min(c_in, c_out) + ctx)
+            spilled = max(spilled, c_in + c_out + ctx)
+            disk = max(disk, n * (c_in + c_out))
+            per_call = max(per_call, c_in + c_out)
+            gathered = 0
             if stage.gather:
-                # Put once: every call of the next stage reads the same whole-image arrays (in the carry's dtype).
-                context = {}
-                for key in stage.gather:
-                    parts = [c.pop(key) for c in carries]
-                    context[key] = jax.device_put(_mosaic(parts, groups, real, b, h, w, stage.scale,
-                                                          parts[0].dtype))
-        return _mosaic([c["x"] for c in carries], groups, real, b, h, w, self.stages[-1].scale)
+                context = {key: sds((b, scaled(h, stage.scale), scaled(w, stage.scale), out[key].shape[-1]),
+                                    out[key].dtype) for key in stage.gather}
+                gathered = _nbytes(context)
+                out = {key: v for key, v in out.items() if key not in stage.gather}
+                in_memory = max(in_memory, n * c_out + 2 * gathered)
+                spilled = max(spilled, c_out + 2 * gathered)
+            else:
+                context = None
+            mean = var = None if not call.next_groups else sds((k * b, call.next_groups), np.float32)
+            carry = out
+        final = b * scaled(h, self.stages[-1].scale) * scaled(w, self.stages[-1].scale) * 4 * out["x"].shape[-1]
+        in_memory = max(in_memory, n * _nbytes(carry) + final, n * _nbytes({"x": carry["x"]}) + image_in)
+        spilled = max(spilled, _nbytes(carry) + final, image_in)
+        return StagedEstimate(len(windows), len(self.stages) * n, in_memory, spilled, disk, per_call)
+
+    def __call__(self, x: np.ndarray | jax.Array, tile: int, overlap: int, *, align: int = 1,
+                 tiles_per_call: int = 1, spill_dir: str | os.PathLike | None = None,
+                 progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """The staged network on ``x`` [B, H, W, C] (NHWC, the network's input range) in windows of ``tile``
+        input pixels (clipped to the image) overlapping by at least ``overlap``; starts are multiples of
+        ``align`` (the network's total downsampling, so every window maps onto whole pixels at every stage).
+
+        ``spill_dir``: keep the carries between stages in files under this folder instead of in memory (host
+        memory then holds one call's carries; the result is the same, bit for bit). ``progress(1)`` is called
+        after every stage call (:meth:`steps` of them).
+
+        Returns numpy float32 [B, H s, W s, C'] with ``s`` the last stage's scale. One window covering the image
+        computes what the untiled network does.
+        """
+        b, h, w, _ = x.shape
+        _, groups, real, k, th, tw = self._layout(x.shape, tile, overlap, align, tiles_per_call)
+        store = _CarryStore(spill_dir)
+        try:
+            for gi, grp in enumerate(groups):
+                store.put(gi, {"x": np.concatenate([np.asarray(x[:, w_.y:w_.y + th, w_.x:w_.x + tw])
+                                                    for w_ in grp], 0)})
+            mean = var = context = None
+            for stage, call in zip(self.stages, self.calls):
+                stats: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+                mb = None if mean is None else np.tile(mean, (k, 1))
+                vb = None if var is None else np.tile(var, (k, 1))
+                for gi, grp in enumerate(groups):
+                    masks = np.concatenate([np.repeat(w_.core_mask(stage.scale)[None], b, 0) for w_ in grp], 0)
+                    out, mom = call(self.params, store.get(gi), mb, vb, context, masks)
+                    store.put(gi, jax.tree.map(np.asarray, out))
+                    del out
+                    if mom is not None:
+                        cnt, mu, m2 = (np.asarray(a, np.float64) for a in mom)
+                        stats += [(cnt[t * b], mu[t * b:(t + 1) * b], m2[t * b:(t + 1) * b])
+                                  for t in range(real[gi])]
+                    if progress is not None:
+                        progress(1)
+                mean = var = context = None
+                if stats:
+                    mean, var = _combine(*(np.stack(a) for a in zip(*stats)))
+                    mean, var = mean.astype(np.float32), var.astype(np.float32)
+                if stage.gather:
+                    # Put once: every call of the next stage reads the same whole-image arrays (in the carry's
+                    # dtype).
+                    context = {}
+                    for key in stage.gather:
+                        parts = [functools.partial(store.pop, gi, key) for gi in range(len(groups))]
+                        context[key] = jax.device_put(_mosaic(parts, groups, real, b, h, w, stage.scale))
+            parts = [functools.partial(store.get, gi, "x") for gi in range(len(groups))]
+            return _mosaic(parts, groups, real, b, h, w, self.stages[-1].scale, np.float32)
+        finally:
+            store.close()
 
 
 class _Window:
@@ -176,15 +326,15 @@ class _Window:
         return m
 
 
-def _mosaic(parts: list[Any], groups: list[list[_Window]], real: list[int], b: int, h: int, w: int,
-            s: Fraction, dtype: Any = np.float32) -> np.ndarray:
-    """The image [b, h s, w s, C] (``dtype``) assembled from every window's core of ``parts`` (one [k b, ...]
-    array per group)."""
+def _mosaic(parts: list[Callable[[], Any]], groups: list[list[_Window]], real: list[int], b: int, h: int, w: int,
+            s: Fraction, dtype: Any = None) -> np.ndarray:
+    """The image [b, h s, w s, C] (``dtype``, default the parts') assembled from every window's core of
+    ``parts`` (one loader per group, returning its [k b, ...] array: the parts are read one at a time)."""
     out = None
-    for part, grp, n in zip(parts, groups, real):
-        part = np.asarray(part, dtype)
+    for load, grp, n in zip(parts, groups, real):
+        part = np.asarray(load())
         if out is None:
-            out = np.zeros((b, scaled(h, s), scaled(w, s), part.shape[-1]), dtype)
+            out = np.zeros((b, scaled(h, s), scaled(w, s), part.shape[-1]), dtype or part.dtype)
         for t, w_ in enumerate(grp[:n]):
             out[(slice(None),) + w_.core_in_image(s)] = part[(slice(t * b, (t + 1) * b),) + w_.core(s)]
     return out
@@ -210,16 +360,38 @@ class TiledVAE:
         self.latent_channels = vae.config.latent_channels
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
-    def encode(self, x: np.ndarray, tile: int, overlap: int, tiles_per_call: int = 1) -> np.ndarray:
-        """Images [B, H, W, 3] in [-1, 1] (H, W multiples of 8) -> scaled latents [B, H/8, W/8, 4] (float32) in
-        windows of ``tile`` pixels (rounded down to a multiple of 8) overlapping by ``overlap`` (rounded up)."""
+    def _encode_tiles(self, tile: int, overlap: int) -> tuple[int, int]:
         f = self.factor
-        tile, overlap = max(f, tile - tile % f), -(-overlap // f) * f
-        moments = self._encoder(x, tile, overlap, align=f, tiles_per_call=tiles_per_call)
+        return max(f, tile - tile % f), -(-overlap // f) * f
+
+    def encode(self, x: np.ndarray, tile: int, overlap: int, tiles_per_call: int = 1, *,
+               spill_dir: str | os.PathLike | None = None,
+               progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """Images [B, H, W, 3] in [-1, 1] (H, W multiples of 8) -> scaled latents [B, H/8, W/8, 4] (float32) in
+        windows of ``tile`` pixels (rounded down to a multiple of 8) overlapping by ``overlap`` (rounded up).
+        ``spill_dir``, ``progress``: as :class:`StagedTiler`."""
+        tile, overlap = self._encode_tiles(tile, overlap)
+        moments = self._encoder(x, tile, overlap, align=self.factor, tiles_per_call=tiles_per_call,
+                                spill_dir=spill_dir, progress=progress)
         return moments[..., :self.latent_channels] * self.scaling_factor
 
-    def decode(self, z: np.ndarray, tile: int, overlap: int, tiles_per_call: int = 1) -> np.ndarray:
+    def decode(self, z: np.ndarray, tile: int, overlap: int, tiles_per_call: int = 1, *,
+               spill_dir: str | os.PathLike | None = None,
+               progress: Callable[[int], None] | None = None) -> np.ndarray:
         """Scaled latents [B, h, w, 4] -> images [B, 8h, 8w, 3] clipped to [-1, 1] (float32) in windows of
-        ``tile`` latent pixels overlapping by ``overlap``."""
+        ``tile`` latent pixels overlapping by ``overlap``. ``spill_dir``, ``progress``: as :class:`StagedTiler`."""
         z = np.asarray(z, np.float32) / self.scaling_factor
-        return np.clip(self._decoder(z, tile, overlap, tiles_per_call=tiles_per_call), -1.0, 1.0)
+        y = self._decoder(z, tile, overlap, tiles_per_call=tiles_per_call, spill_dir=spill_dir, progress=progress)
+        return np.clip(y, -1.0, 1.0, out=y)
+
+    def encode_estimate(self, shape: Sequence[int], tile: int, overlap: int,
+                        tiles_per_call: int = 1) -> StagedEstimate:
+        """:meth:`StagedTiler.estimate` of :meth:`encode` on images of ``shape`` (float32)."""
+        tile, overlap = self._encode_tiles(tile, overlap)
+        return self._encoder.estimate(shape, np.float32, tile, overlap, align=self.factor,
+                                      tiles_per_call=tiles_per_call)
+
+    def decode_estimate(self, shape: Sequence[int], tile: int, overlap: int,
+                        tiles_per_call: int = 1) -> StagedEstimate:
+        """:meth:`StagedTiler.estimate` of :meth:`decode` on latents of ``shape``."""
+        return self._decoder.estimate(shape, np.float32, tile, overlap, tiles_per_call=tiles_per_call)

@@ -86,9 +86,22 @@ def scaled(v: int, scale: Fraction, what: str = "size") -> int:
     return int(out)
 
 
+def tile_calls(shape: Sequence[int], tile: int | Sequence[int], overlap: int, align: int = 1,
+               tiles_per_call: int = 1) -> int:
+    """How many calls of ``fn`` :func:`tiled_map` makes on an input of ``shape`` [B, H, W, C] (1: untiled)."""
+    h, w = shape[1], shape[2]
+    th, tw = (tile, tile) if isinstance(tile, int) else tuple(tile)
+    th, tw = min(th, h), min(tw, w)
+    if th >= h and tw >= w:
+        return 1
+    n = (len(tile_starts(h, th, max(0, min(overlap, th - align)), align))
+         * len(tile_starts(w, tw, max(0, min(overlap, tw - align)), align)))
+    return -(-n // max(1, int(tiles_per_call)))
+
+
 def tiled_map(fn: ArrayFn, x: jax.Array | np.ndarray, tile: int | Sequence[int], overlap: int, *,
               scale: int | float | Fraction = 1, align: int = 1, tiles_per_call: int = 1,
-              var: float = 0.01) -> np.ndarray:
+              var: float = 0.01, progress: Callable[[int], None] | None = None) -> np.ndarray:
     """``fn`` applied to ``x`` tile by tile and blended with Gaussian weights (see the module docstring).
 
     Args:
@@ -102,6 +115,7 @@ def tiled_map(fn: ArrayFn, x: jax.Array | np.ndarray, tile: int | Sequence[int],
       tiles_per_call: tiles stacked into one batch per call of ``fn`` (a batch of ``tiles_per_call * B``); the
         last batch is padded by repeating a tile so that every call has one shape.
       var: relative variance of the Gaussian weights.
+      progress: called with 1 after each call of ``fn`` (:func:`tile_calls` of them).
 
     Returns:
       numpy float32 [B, H * scale, W * scale, C'].
@@ -114,7 +128,10 @@ def tiled_map(fn: ArrayFn, x: jax.Array | np.ndarray, tile: int | Sequence[int],
     th, tw = (tile, tile) if isinstance(tile, int) else tuple(tile)
     th, tw = min(th, h), min(tw, w)
     if th >= h and tw >= w:  # one tile: no blending, no host round trip of the input
-        return np.asarray(fn(x), np.float32)
+        out = np.asarray(fn(x), np.float32)
+        if progress is not None:
+            progress(1)
+        return out
     # An overlap as large as the (clipped) tile would leave no stride: keep at least one aligned step.
     ys = tile_starts(h, th, max(0, min(overlap, th - align)), align)
     xs = tile_starts(w, tw, max(0, min(overlap, tw - align)), align)
@@ -141,26 +158,31 @@ def tiled_map(fn: ArrayFn, x: jax.Array | np.ndarray, tile: int | Sequence[int],
             oy, ox = scaled(y, scale, "tile start"), scaled(xx, scale, "tile start")
             acc[:, oy:oy + oth, ox:ox + otw] += out[j * b:(j + 1) * b] * weight
             norm[:, oy:oy + oth, ox:ox + otw] += weight
-    return acc / norm
+        if progress is not None:
+            progress(1)
+    acc /= norm  # in place: the output is the image's size, one copy fewer
+    return acc
 
 
 def tiled_encode(encode_fn: ArrayFn, x: jax.Array | np.ndarray, tile: int, overlap: int,
-                 tiles_per_call: int = 1, factor: int = 8) -> np.ndarray:
+                 tiles_per_call: int = 1, factor: int = 8,
+                 progress: Callable[[int], None] | None = None) -> np.ndarray:
     """VAE encode in pixel tiles: ``encode_fn`` maps [n, th, tw, 3] images in [-1, 1] to [n, th/8, tw/8, c]
     latents; ``x`` [B, H, W, 3] in [-1, 1] with H, W multiples of ``factor``; ``tile`` and ``overlap`` in
     pixels (rounded down / up to multiples of ``factor``). Returns latents [B, H/8, W/8, c] (float32)."""
     tile = max(factor, tile - tile % factor)
     overlap = -(-overlap // factor) * factor
     return tiled_map(encode_fn, x, tile, overlap, scale=Fraction(1, factor), align=factor,
-                     tiles_per_call=tiles_per_call)
+                     tiles_per_call=tiles_per_call, progress=progress)
 
 
 def tiled_decode(decode_fn: ArrayFn, z: jax.Array | np.ndarray, tile: int, overlap: int,
-                 tiles_per_call: int = 1, factor: int = 8) -> np.ndarray:
+                 tiles_per_call: int = 1, factor: int = 8,
+                 progress: Callable[[int], None] | None = None) -> np.ndarray:
     """VAE decode in latent tiles: ``decode_fn`` maps [n, th, tw, c] latents to [n, 8 th, 8 tw, 3] images;
     ``z`` [B, h, w, c]; ``tile`` and ``overlap`` in latent pixels. Returns [B, 8h, 8w, 3] (float32, the decoder's
     range: [-1, 1] for SD)."""
-    return tiled_map(decode_fn, z, tile, overlap, scale=factor, tiles_per_call=tiles_per_call)
+    return tiled_map(decode_fn, z, tile, overlap, scale=factor, tiles_per_call=tiles_per_call, progress=progress)
 
 
 def pad_to_multiple(x: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
