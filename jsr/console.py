@@ -14,7 +14,13 @@ def notice(message: str) -> None:
     """Print ``jsr: <message>`` on stderr (flushed at once: the phase that follows may take minutes)."""
     if os.environ.get("JSR_QUIET", "") not in ("", "0"):
         return
-    print(f"jsr: {message}", file=sys.stderr, flush=True)
+    try:  # through tqdm, so that a progress bar on stderr is redrawn below the line instead of cut by it
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency; the plain print is the fallback
+        print(f"jsr: {message}", file=sys.stderr, flush=True)
+        return
+    tqdm.write(f"jsr: {message}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 def cache_note() -> str:
