@@ -1,5 +1,7 @@
 """Small helpers the parity tests share: the relative error they state tolerances in, and PyTorch models with
 every parameter randomised (default inits leave zero biases and unit norms that would hide conversion mistakes)."""
+import os
+
 import numpy as np
 
 
@@ -75,3 +77,14 @@ def osediff_unet_groups(names):
         out[g].append(n.removesuffix(".weight"))
     return out
 
+
+
+def one_device_xla_flags() -> str:
+    """The session's ``XLA_FLAGS`` (conftest.py: 8 fake CPU devices, the test compile flags) with one device, for
+    subprocesses that train on a single device."""
+    import re
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" in flags:
+        return re.sub(r"--xla_force_host_platform_device_count=\d+", "--xla_force_host_platform_device_count=1", flags)
+    return (flags + " --xla_force_host_platform_device_count=1").strip()

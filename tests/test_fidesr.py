@@ -237,6 +237,27 @@ def test_trains_exports_and_restores_through_jsr_infer(trained, base, tmp_path):
     assert np.abs(on - off).mean() > 0.5
 
 
+def test_resume_after_a_crash_gives_the_uninterrupted_parameters(trained, tmp_path):
+    """A run that dies after step 15 (last checkpoint 10) and resumes ends with the uninterrupted run's parameters,
+    bit for bit: the DAW ramp, the null-prompt draws and the data stream all continue from the checkpoint. Reuses the
+    module's compiled step (the loop caches it per config, checkpoint/debug fields aside)."""
+    from jsr.train import loop
+
+    _, ref = trained
+    run = tmp_path / "run"
+    c = _config()
+    c.checkpoint.every = 10
+    c.debug.crash_after_step = 15
+    with pytest.raises(SystemExit, match="simulated crash"):
+        loop.train(c, run)
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())[-1] == 10
+    c.debug.crash_after_step = -1
+    done = loop.train(c, run)
+    assert done["status"] == "done" and done["step"] == STEPS
+    got, want = (jax.tree.map(np.asarray, jax.device_get(o["state"].params)) for o in (done, ref))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
 def test_thirty_steps_lower_the_weighted_loss(trained, base):
     """The DAW-weighted reconstruction loss (L2 + 2 LPIPS) of the loop's first batch, at a fixed key and the DAW
     weights of step 30: after the run's 30 steps it is lower than at the initial parameters (eager evaluation)."""

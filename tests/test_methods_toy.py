@@ -23,6 +23,7 @@ import jsr.methods
 from jsr.methods import ExportEntry, Knob, Method, TrainSetup, Update
 from jsr.methods.common import optimizer
 from jsr.sr import generator
+from tests.helpers import one_device_xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ jsr.methods.register(Toy)
 
 
 def _env():
-    return dict(os.environ, JSR_METHODS="tests.test_methods_toy", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    return dict(os.environ, JSR_METHODS="tests.test_methods_toy", XLA_FLAGS=one_device_xla_flags())
 
 
 def _config():

@@ -18,6 +18,7 @@ import pytest
 
 from configs import ctsr, fidelity, osediff, pisasr
 from jsr.train import loop
+from tests.helpers import one_device_xla_flags
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -135,7 +136,7 @@ def test_sharded_step_equals_single_device_step():
 
 
 def test_ctsr_stage1_then_stage2_through_train_py(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS=one_device_xla_flags())
     s1 = tmp_path / "s1"
     cmd = [sys.executable, "train.py", "--config", "configs/ctsr.py:stage1-tiny", "--workdir", str(s1),
            "--config.total_steps=2"]
