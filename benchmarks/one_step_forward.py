@@ -23,7 +23,8 @@ GPU; on a CPU PyTorch runs float32 cases only.
     python benchmarks/one_step_forward.py --cases osediff:512:1:bfloat16,osediff:512:8:bfloat16,osediff:1024:1:bfloat16,osediff:512:1:float32 --repeats 20   # GPU
     python benchmarks/one_step_forward.py --preset tiny --cases osediff:64:1:float32,fidesr:64:1:float32,rcod:64:1:float32   # smoke
 
-All programs are lowered first and compiled in parallel threads, then timed one after another (under
+All programs are lowered first and compiled in parallel threads; each is timed as soon as it and those before it
+are compiled, one at a time (under
 ``$JSR_BENCH_LOCK`` when set, so a benchmark beside this one never times at the same moment). Prints a table and
 writes JSON (``--out``) after every case, so a run stopped part-way keeps what it measured.
 """
