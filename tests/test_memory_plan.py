@@ -63,6 +63,18 @@ def test_small_images_are_never_tiled_and_a_large_budget_keeps_carries_in_memory
     assert sorted((mixed.encode, mixed.decode)) == ["spilled", "staged"]
 
 
+def test_a_replaced_restorer_plans_afresh(sd21_restorer):
+    """dataclasses.replace(restorer, tiled_vae=None) once shared the original's plan cache and ran 'staged' with
+    no TiledVAE (AttributeError in test_infer's blended comparison): each instance plans for itself."""
+    import dataclasses
+
+    shape, opts = (1, 1536, 2048, 3), RestoreOptions()
+    assert sd21_restorer.plan(shape, opts).encode == "staged"
+    blended = dataclasses.replace(sd21_restorer, tiled_vae=None)
+    assert (blended.plan(shape, opts).encode, blended.plan(shape, opts).decode) == ("blended", "blended")
+    assert sd21_restorer.plan(shape, opts).encode == "staged"
+
+
 def test_the_plan_is_printed_before_work(capsys):
     from tests.helpers import standin_restorer
 

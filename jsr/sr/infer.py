@@ -195,8 +195,10 @@ class Restorer:
     uses_image: bool = False
     label: str = ""
     context: Callable[[Any, "RestoreOptions"], Any] | None = None
-    _sizes_seen: set = dataclasses.field(default_factory=set, repr=False, compare=False)
-    _plans: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    # Caches, per instance: init=False so that dataclasses.replace (a restorer with another tiled_vae, say)
+    # starts with empty ones instead of sharing plans made for the original.
+    _sizes_seen: set = dataclasses.field(default_factory=set, init=False, repr=False, compare=False)
+    _plans: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __call__(self, x_up: np.ndarray, opts: RestoreOptions = RestoreOptions(),
                  progress: Callable[[int], None] | None = None) -> np.ndarray:
