@@ -6,7 +6,8 @@
       .map(_Decode)                   read + decode; a failure becomes a "skip" marker (never an exception)
       .random_map(_CropDegrade)       random crop (pad or skip small images), flip, ``degrade`` with a seed drawn
                                       from Grain's per-index generator
-      [process_index::process_count]  this host's share (after the random map: draws depend on the global index)
+      RowSelect(rows)                 this process's rows of every global batch (after the random map: draws
+                                      depend on the global index; ``jsr.data.process_share``)
       .to_iter_dataset(ReadOptions)   threads per process
       .mp_prefetch(workers)           worker processes, each computing every ``num_workers``-th element
       .filter(_SkipCounter)           in the main process: drop, count and log skip markers; stop with
@@ -32,7 +33,7 @@ Config keys (``default_config``; a ``data`` ConfigDict in the training config):
     crop_size         HQ crop (512); divisible by the degradation scale
     small_images      "pad" (reflect-pad up to the crop) | "skip"
     hflip             random horizontal flips
-    batch_size        global batch; each process loads batch_size / process_count
+    batch_size        global batch; each process loads its rows of it (batch_size / process_count)
     seed, shuffle, num_epochs (-1 = forever), drop_remainder
     num_workers       worker processes (0: in the main process); worker_buffer_size: elements queued per worker
     read_threads, read_buffer_size   Grain ReadOptions per process; prefetch_batches: batches ready ahead
@@ -55,7 +56,7 @@ import numpy as np
 from absl import flags, logging
 
 from jsr.data import degradation as deg
-from jsr.data import noun_masks, sources
+from jsr.data import noun_masks, process_share, sources
 
 SMALL_IMAGE_POLICIES = ("pad", "skip")
 SOURCES = ("synthetic", "folder", "tfds")
@@ -298,19 +299,24 @@ def _init_worker(cv2_threads: int, worker_index: int, worker_count: int) -> None
 
 
 def build_dataset(cfg: Mapping[str, Any] | ml_collections.ConfigDict | None = None, *, source: Any = None,
-                  process_index: int = 0, process_count: int = 1) -> tuple[grain.IterDataset, _SkipCounter]:
+                  process_index: int = 0, process_count: int = 1,
+                  rows: Sequence[int] | None = None) -> tuple[grain.IterDataset, _SkipCounter]:
     """The batched ``IterDataset`` for this process and its skip counter.
 
     Args:
       cfg: data config (partial dicts are completed with ``default_config``).
       source: overrides ``data.source`` with any random-access source of records (tests).
-      process_index, process_count: this host's share of the global batch and of the example stream.
+      process_index, process_count: this host's share of the global batch and of the example stream: the
+        ``process_index``-th contiguous block of each global batch's rows, unless ``rows`` says which.
+      rows: the global batch rows this process loads (``jsr.data.process_share``; the training loop reads them
+        from the batch sharding).
     """
     c = resolve_config(cfg)
     dcfg = deg.resolve_config(c.degradation)
     _validate(c, dcfg.scale)
-    if c.batch_size % process_count:
-        raise ValueError(f"data.batch_size={c.batch_size} is not divisible by the {process_count} processes")
+    if rows is None:
+        rows = process_share.contiguous_rows(process_index, process_count, int(c.batch_size))
+    rows = process_share.check_rows(rows, int(c.batch_size))
     src = make_source(c) if source is None else source
     if len(src) == 0:
         raise ValueError(f"data source {src!r} is empty")
@@ -321,21 +327,18 @@ def build_dataset(cfg: Mapping[str, Any] | ml_collections.ConfigDict | None = No
     ds = ds.repeat(None if c.num_epochs < 0 else int(c.num_epochs))
     ds = ds.map(_Decode(int(c.crop_size), c.small_images, int(c.max_nouns) if c.noun_masks else 0))
     ds = ds.random_map(_CropDegrade(int(c.crop_size), bool(c.hflip), dcfg))
-    if process_count > 1:
-        ds = ds[process_index::process_count]
+    if len(rows) < c.batch_size:
+        ds = process_share.RowSelect(ds, rows, int(c.batch_size))
     it = ds.to_iter_dataset(grain.ReadOptions(num_threads=int(c.read_threads),
                                               prefetch_buffer_size=int(c.read_buffer_size)))
     if c.num_workers > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(c.num_workers),
                                                          per_worker_buffer_size=int(c.worker_buffer_size)),
                             worker_init_fn=functools.partial(_init_worker, int(c.cv2_threads)))
-    # The items this process sees: all of them over the epochs when shuffled (each epoch a new permutation),
-    # else its fixed share of every epoch.
-    n = len(src)
-    window = n if c.shuffle or process_count == 1 else len(range(process_index, n, process_count))
+    window = process_share.distinct_items(rows, int(c.batch_size), len(src), bool(c.shuffle))
     counter = _SkipCounter(_describe(src), window)
     it = it.filter(counter)
-    it = it.batch(c.batch_size // process_count, drop_remainder=bool(c.drop_remainder), batch_fn=collate)
+    it = it.batch(len(rows), drop_remainder=bool(c.drop_remainder), batch_fn=collate)
     if c.prefetch_batches > 0:
         it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=int(c.prefetch_batches))
     return it, counter
@@ -384,9 +387,13 @@ class DataIterator:
 
 
 def make_iterator(cfg: Mapping[str, Any] | ml_collections.ConfigDict | None = None, *, source: Any = None,
-                  process_index: int | None = None, process_count: int | None = None) -> DataIterator:
-    """Build the pipeline for this process (JAX's process index/count unless given) and start iterating."""
-    if process_index is None or process_count is None:
+                  process_index: int | None = None, process_count: int | None = None,
+                  rows: Sequence[int] | None = None) -> DataIterator:
+    """Build the pipeline for this process (JAX's process index/count unless given; ``rows``: see
+    :func:`build_dataset`) and start iterating."""
+    if rows is not None:
+        process_index, process_count = 0, 1  # unused: the rows say which examples are this process's
+    elif process_index is None or process_count is None:
         import jax  # only here: worker processes never need JAX
 
         process_index, process_count = jax.process_index(), jax.process_count()
@@ -395,7 +402,8 @@ def make_iterator(cfg: Mapping[str, Any] | ml_collections.ConfigDict | None = No
         cv2.setNumThreads(int(c.cv2_threads))  # this process is the data worker
     if c.num_workers > 0 and not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()  # Grain's worker start reads absl flags; outside an absl app, their defaults
-    dataset, counter = build_dataset(c, source=source, process_index=process_index, process_count=process_count)
+    dataset, counter = build_dataset(c, source=source, process_index=process_index, process_count=process_count,
+                                     rows=rows)
     return DataIterator(dataset, counter, interrupt_safe=c.prefetch_batches > 0)
 
 
