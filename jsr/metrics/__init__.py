@@ -2,6 +2,8 @@
 
 Fidelity: :func:`psnr`, :func:`ssim` (Y channel by default, as SR papers report them).
 Perceptual: :func:`lpips_distance` (LPIPS-VGG, also a training loss), :func:`dists_distance` (DISTS).
+Weight files: :mod:`jsr.metrics.files` finds them where the PyTorch packages keep them (``python -m jsr.metrics
+files`` lists each, found or missing, and how to get it).
 """
 
 from jsr.metrics.color import rgb_to_y
