@@ -7,8 +7,10 @@
 
 Datasets are paired LQ/HQ folders (matched by file stem) or HQ folders degraded on the fly with a fixed seed
 (``--dataset=DIV2K-Val:hq=DIR,crop=512,seed=0``). Without ``--model`` the embedded tiny random SD model runs (a
-smoke test). Writes ``results.md``/``.csv``/``.json``, ``fidelity_realism.png``, ``samples_<dataset>.png`` and the
-SR images into ``--out``; see :mod:`jsr.eval` for the protocol.
+smoke test). Metric weights not given are looked for where PyTorch packages keep them (``python -m jsr.metrics
+files`` lists them; one line per metric is printed first). Writes ``results.md``/``.csv``/``.json``,
+``fidelity_realism.png`` (or, with no realism metric, ``fidelity_t.png``: PSNR and SSIM against the swept knob),
+``samples_<dataset>.png`` and the SR images into ``--out``; see :mod:`jsr.eval` for the protocol.
 
 Every knob of every registered method (:mod:`jsr.methods`) is a flag ``--<knob>`` (the same names as
 ``python -m jsr.infer``); a comma-separated list sweeps it (one knob at a time), and a method whose knob declares a
@@ -16,6 +18,7 @@ default sweep (CTSR's ``t``) is swept over it when the knob is not given.
 """
 
 import sys
+from pathlib import Path
 
 from absl import app, flags
 
@@ -53,10 +56,13 @@ _COMPARE = flags.DEFINE_multi_string("compare", [], "Another method's SR images 
                                      "{dataset} in DIR replaced by each dataset name.")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "Use the first N images of each dataset (0: all).")
 
-_LPIPS = flags.DEFINE_list("lpips", [], "LPIPS-VGG weight files (vgg16-397923af.pth,lpips vgg.pth).")
-_DISTS = flags.DEFINE_list("dists", [], "DISTS weight files (vgg16-397923af.pth,DISTS weights.pt).")
-_INCEPTION = flags.DEFINE_string("fid_inception", "", "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (FID).")
-_NIQE = flags.DEFINE_string("niqe", "", "NIQE pristine parameters (niqe_pris_params.npz or modelparameters.mat).")
+_FOUND = " Default: the files found where PyTorch packages keep them (python -m jsr.metrics files); none: skip."
+_LPIPS = flags.DEFINE_list("lpips", [], "LPIPS-VGG weight files (vgg16-397923af.pth,lpips vgg.pth)." + _FOUND)
+_DISTS = flags.DEFINE_list("dists", [], "DISTS weight files (vgg16-397923af.pth,DISTS weights.pt)." + _FOUND)
+_INCEPTION = flags.DEFINE_string("fid_inception", "", "pytorch-fid's pt_inception-2015-12-05-6726825d.pth (FID)."
+                                 + _FOUND)
+_NIQE = flags.DEFINE_string("niqe", "", "NIQE pristine parameters (niqe_pris_params.npz or modelparameters.mat)."
+                            + _FOUND)
 _PYIQA = flags.DEFINE_list("pyiqa", ["auto"], "MUSIQ/MANIQA/CLIPIQA via pyiqa: auto (those available), none, "
                            "or names.")
 _PYIQA_DEVICE = flags.DEFINE_string("pyiqa_device", "cpu", "Torch device for pyiqa.")
@@ -119,6 +125,8 @@ def _setup():
     suite = ev.load_metrics(lpips=_LPIPS.value, dists=_DISTS.value, inception=_INCEPTION.value, niqe=_NIQE.value,
                             pyiqa=_PYIQA.value, crop_border=_CROP_BORDER.value, fid_batch=_FID_BATCH.value,
                             fid_dims=int(_FID_DIMS.value), pyiqa_device=_PYIQA_DEVICE.value)
+    print("metric weights (python -m jsr.metrics files: where each is looked for):", file=sys.stderr)
+    print("\n".join(ev.weights_summary(suite)), file=sys.stderr, flush=True)
     restorer = None
     if not _NO_MODEL.value:
         restorer = load_restorer(_MODEL.value, _LORA.value, method=_METHOD.value, dtype=_DTYPE.value,
@@ -165,7 +173,10 @@ def main(argv):
     written = ev.load_report(files["json"])
     print(ev.markdown_tables(written))
     if written.get("plot_missing"):
-        print(f"plot: not drawn: {written['plot_missing']}")
+        plotted = " and ".join(ev.COLUMN[k].title for k in written.get("plot_t_metrics", []))
+        instead = (f"; drew {Path(written['plot_t']).name} ({plotted} against {written['model'].get('sweep') or 't'})"
+                   " instead" if written.get("plot_t") else "")
+        print(f"plot: fidelity_realism.png not drawn: {written['plot_missing']}{instead}")
     for kind, path in files.items():
         print(f"{kind}: {path}")
     for name, path in report["samples"].items():

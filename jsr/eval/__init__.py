@@ -29,7 +29,8 @@ PSNR and SSIM on the BT.601 Y channel (``crop_border`` pixels dropped, 0 by defa
 OSEDiff/PiSA-SR/CTSR), LPIPS-VGG, DISTS, FID between the set of HQ images and the set of SR images (Inception
 features of the in-memory 8-bit images: exactly ``fid_from_folders(HQ folder, SR folder)`` when the HQ folder holds
 the dataset's images), NIQE, and MUSIQ / MANIQA-PIPAL / CLIPIQA through pyiqa. A metric whose weights are not given
-is skipped (and the reason recorded); PSNR/SSIM always run. NIQE is NaN for an image with fewer than two usable
+is looked for where the PyTorch packages keep it (:mod:`jsr.metrics.files`) and skipped when it is not there
+(the reason recorded); PSNR/SSIM always run. NIQE is NaN for an image with fewer than two usable
 96x96 blocks; FID is NaN for fewer than two images. Table means ignore NaN and count them.
 
 **Timing**: the seconds of each restorer call (upscaled input to SR array on the host). The first call at a new
@@ -49,7 +50,7 @@ from jsr.eval.datasets import (DATASET_HELP, DatasetSpec, EvalDataset, EvalImage
 from jsr.eval.outputs import load_report, write_outputs
 from jsr.eval.plots import plot_fidelity_realism, sample_grid
 from jsr.eval.run import evaluate
-from jsr.eval.suite import PYIQA_METRICS, MetricSuite, load_metrics
+from jsr.eval.suite import PYIQA_METRICS, MetricSuite, load_metrics, weights_summary
 from jsr.eval.tables import csv_table, markdown_tables
 
 __all__ = [
@@ -59,6 +60,6 @@ __all__ = [
     "load_report", "write_outputs",
     "plot_fidelity_realism", "sample_grid",
     "evaluate",
-    "PYIQA_METRICS", "MetricSuite", "load_metrics",
+    "PYIQA_METRICS", "MetricSuite", "load_metrics", "weights_summary",
     "csv_table", "markdown_tables",
 ]

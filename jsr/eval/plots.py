@@ -1,5 +1,6 @@
-"""Figures of an evaluation: the fidelity-vs-realism plot (PSNR against LPIPS/DISTS along ``t``) and the sample
-grids of centre crops (LQ | each method/t | HQ)."""
+"""Figures of an evaluation: the fidelity-vs-realism plot (PSNR against LPIPS/DISTS along ``t``), its fallback
+when no realism metric was computed (each fidelity metric against ``t``) and the sample grids of centre crops
+(LQ | each method/t | HQ)."""
 
 from __future__ import annotations
 
@@ -86,6 +87,17 @@ def _plot_axes(report: Mapping) -> tuple[list[str], list[dict], str | None]:
     return xs, rows, None
 
 
+def _absolute_ticks(ax) -> None:
+    # No offset or scientific-notation text: with a sweep's close values matplotlib would write "+1.496e1" in the
+    # corner, over the title, and ticks of 0.005-0.009.
+    from matplotlib.ticker import ScalarFormatter
+
+    for axis in (ax.xaxis, ax.yaxis):
+        fmt = ScalarFormatter(useOffset=False)
+        fmt.set_scientific(False)
+        axis.set_major_formatter(fmt)
+
+
 def plot_missing_reason(report: Mapping) -> str | None:
     """Why :func:`plot_fidelity_realism` draws nothing for ``report`` (``None``: it draws the plot)."""
     return _plot_axes(report)[2]
@@ -104,7 +116,6 @@ def fidelity_realism_figure(report: Mapping):
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import ScalarFormatter
 
     xs, rows, why = _plot_axes(report)
     if why:
@@ -129,10 +140,7 @@ def fidelity_realism_figure(report: Mapping):
                                 bbox=dict(boxstyle="round,pad=0.15", fc="white", ec="none", alpha=0.8))
             for j, r in enumerate(r for r in mine if r["t"] is None):
                 ax.plot([r[x]], [r["psnr"]], "sD^v<>"[j % 6], color=colour, label=f"{ds}: {r['method']}")
-        for axis in (ax.xaxis, ax.yaxis):
-            fmt = ScalarFormatter(useOffset=False)
-            fmt.set_scientific(False)
-            axis.set_major_formatter(fmt)
+        _absolute_ticks(ax)
         ax.margins(0.12)  # room for the t labels at the ends of the sweep
         ax.set_xlabel(f"{col.title} ({'higher' if col.higher_better else 'lower'} is better)")
         ax.set_ylabel("PSNR (dB, Y)")
@@ -156,3 +164,78 @@ def plot_fidelity_realism(report: Mapping, path: str | os.PathLike) -> list[str]
         return []
     fidelity_realism_figure(report).savefig(path)
     return xs
+
+
+_FIDELITY = ("psnr", "ssim")
+
+
+def _t_axes(report: Mapping) -> tuple[list[str], list[dict], str | None]:
+    """``(fidelity metrics, the swept rows, None)``, or ``([], [], why no fidelity-vs-t plot can be drawn)``."""
+    keys = [c.key for c in report_columns(report)]
+    ys = [k for k in _FIDELITY if k in keys]
+    sweep = [r for r in report["rows"] if r["t"] is not None]
+    if not ys:
+        return [], [], "no fidelity metric (PSNR, SSIM) was computed"
+    if not sweep:
+        return [], [], "no knob was swept, so there is no t axis"
+    ys = [y for y in ys if any(_finite(r.get(y)) for r in sweep)]
+    if not ys:
+        return [], [], "no finite PSNR or SSIM along the sweep"
+    return ys, sweep, None
+
+
+def plot_t_missing_reason(report: Mapping) -> str | None:
+    """Why :func:`plot_fidelity_t` draws nothing for ``report`` (``None``: it draws the plot)."""
+    return _t_axes(report)[2]
+
+
+def fidelity_t_figure(report: Mapping):
+    """Each fidelity metric (PSNR, SSIM; higher is better) against the swept knob, one panel per metric, one line
+    per dataset; other methods of the same dataset (no knob) as dashed horizontal lines. A matplotlib ``Figure``.
+
+    Raises:
+      ValueError: nothing to plot (the message is :func:`plot_t_missing_reason`).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ys, sweep, why = _t_axes(report)
+    if why:
+        raise ValueError(why)
+    fig = Figure(figsize=(5.0 * len(ys), 4.0), dpi=110)
+    FigureCanvasAgg(fig)
+    datasets = list(dict.fromkeys(r["dataset"] for r in sweep))
+    knob = report["model"].get("sweep") or "t"
+    for k, y in enumerate(ys):
+        ax = fig.add_subplot(1, len(ys), k + 1)
+        col = COLUMN[y]
+        for i, ds in enumerate(datasets):
+            colour = f"C{i % 10}"
+            mine = sorted((r for r in sweep if r["dataset"] == ds and _finite(r.get(y))), key=lambda r: r["t"])
+            if mine:
+                ax.plot([r["t"] for r in mine], [r[y] for r in mine], "o-", color=colour,
+                        label=f"{ds}: {mine[0]['method']}")
+            others = [r for r in report["rows"] if r["dataset"] == ds and r["t"] is None and _finite(r.get(y))]
+            for j, r in enumerate(others):
+                ax.axhline(r[y], color=colour, linestyle=("--", ":", "-.")[j % 3], linewidth=1,
+                           label=f"{ds}: {r['method']}")
+        _absolute_ticks(ax)
+        ax.margins(0.08)
+        ax.set_xlabel(knob)
+        ax.set_ylabel(f"{col.title} ({'dB, ' if y == 'psnr' else ''}Y; higher is better)")
+        ax.set_title(f"Fidelity vs {knob}: {col.title}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def plot_fidelity_t(report: Mapping, path: str | os.PathLike) -> list[str]:
+    """Write :func:`fidelity_t_figure` to ``path``: the plot an evaluation without a realism metric still gets.
+    Returns the metrics plotted (empty: nothing to plot, no file written; :func:`plot_t_missing_reason` says
+    why)."""
+    ys, _, why = _t_axes(report)
+    if why:
+        return []
+    fidelity_t_figure(report).savefig(path)
+    return ys

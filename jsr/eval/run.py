@@ -142,7 +142,8 @@ def evaluate(datasets: Sequence[EvalDataset], out_dir: str | os.PathLike, *, res
       meta: extra facts recorded under ``"config"`` in the report (the command line's flags).
     Returns:
       the report (JSON-ready dict): ``rows`` (one per dataset x method x t, with means), ``images`` (one per image
-      x method x t), ``columns``, ``skipped_metrics``, ``timing``, ``config``; write it with
+      x method x t), ``columns``, ``skipped_metrics``, ``metric_weights`` (where each metric's weight files came
+      from: :attr:`MetricSuite.weights`), ``timing``, ``config``; write it with
       :func:`jsr.eval.write_outputs`.
     Raises:
       ValueError before any restoration for bad t values, unmatched compare folders, or an HQ whose size is not
@@ -218,6 +219,7 @@ def evaluate(datasets: Sequence[EvalDataset], out_dir: str | os.PathLike, *, res
                   "options": dataclasses.asdict(options)},
         "columns": [c._asdict() | {"header": c.header} for c in COLUMNS if c.key in metric_keys],
         "skipped_metrics": suite.skipped_reasons(),
+        "metric_weights": suite.weights,
         "crop_border": suite.crop_border,
         "fid_dims": suite.fid_dims if suite.inception is not None else None,
         "timing": {"first_call_seconds": timer.first,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -13,6 +14,7 @@ import numpy as np
 from jsr.eval.columns import COLUMNS
 from jsr.metrics import dists_distance, load_dists_params, load_lpips_params, lpips_distance, psnr, ssim
 from jsr.metrics import fid as fid_lib
+from jsr.metrics import files as metric_files
 from jsr.metrics import niqe as niqe_lib
 from jsr.metrics import pyiqa_bridge
 from jsr.metrics.inception import load_inception_params
@@ -36,6 +38,9 @@ class MetricSuite:
       fid_dims: Inception feature width for FID (2048, the standard; 64, 192, 768 as pytorch-fid's ``--dims``).
       pyiqa_device: torch device for pyiqa.
       skipped: metric key -> why it is not computed (reported in the tables).
+      weights: metric key -> ``{"source", "files", "note"}``: where its weights came from (``given``: named by
+        the caller; ``found``: discovered by :mod:`jsr.metrics.files`; ``missing``; ``unusable``: found but they
+        do not load; ``off``) and the files used (recorded in the report; :func:`weights_summary` prints it).
     """
 
     lpips: Any = None
@@ -48,6 +53,7 @@ class MetricSuite:
     fid_dims: int = 2048
     pyiqa_device: str = "cpu"
     skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    weights: dict[str, dict] = dataclasses.field(default_factory=dict)
 
     def keys(self) -> list[str]:
         """The computed metrics, in table order."""
@@ -86,10 +92,64 @@ class MetricSuite:
         return None if self.inception is None else FeatureBuffer(self.inception, self.fid_batch, self.fid_dims)
 
 
+OFF = ("none", "off")  # a weights flag set to this turns the metric off instead of looking for its files
+
+
+def _given(value: str | Sequence[str]) -> list[str]:
+    items = [value] if isinstance(value, str) else list(value)
+    return [v.strip() for v in items if v and v.strip()]
+
+
+def _load_weights(suite: MetricSuite, metric: str, given: list[str], flag: str, discover: bool,
+                  loader: Callable[..., Any]) -> Any:
+    """Parameters of ``metric`` from the files given, else from those :mod:`jsr.metrics.files` finds (when
+    ``discover``); ``None`` (and the reason in ``suite.skipped``) when it is off, missing or unusable. A given
+    file that does not load raises; a found one only makes the metric unusable, since nobody asked for it."""
+    title = metric_files.METRIC_TITLES[metric]
+    if [g.lower() for g in given] in ([o] for o in OFF):
+        suite.weights[metric] = {"source": "off", "files": [], "note": f"{flag}=none"}
+        suite.skipped[metric] = f"turned off ({flag}=none)"
+        return None
+    if given:
+        suite.weights[metric] = {"source": "given", "files": given, "note": flag}
+        return loader(*given)
+    if not discover:
+        suite.weights[metric] = {"source": "missing", "files": [], "note": f"no weights given ({flag})"}
+        suite.skipped[metric] = f"no {title} weights given ({flag})"
+        return None
+    looks = metric_files.metric_lookups(metric)
+    found = [str(lk.path) for lk in looks if lk.found]
+    if len(found) < len(looks):
+        why = metric_files.why_missing(metric, looks)
+        suite.weights[metric] = {"source": "missing", "files": found, "note": why}
+        suite.skipped[metric] = f"{why}: give {flag}=FILE, or see python -m jsr.metrics files"
+        return None
+    try:
+        params = loader(*found)
+    except (ValueError, ImportError, OSError) as e:  # mismatched shapes, damaged file, no torch for a .pth
+        note = " ".join(str(e).split())
+        suite.weights[metric] = {"source": "unusable", "files": found, "note": note}
+        suite.skipped[metric] = f"found {', '.join(found)} but it does not load: {note}"
+        return None
+    suite.weights[metric] = {"source": "found", "files": found, "note": ""}
+    return params
+
+
+def _pyiqa_ready(name: str) -> tuple[bool, str]:
+    """Whether a pyiqa metric can run (its files first: cheap, and pyiqa's import is slow), and why not."""
+    why = metric_files.why_missing(name)
+    if why:
+        return False, why
+    if not pyiqa_bridge.available(name):
+        return False, "pyiqa is installed but does not import here"
+    return True, ""
+
+
 def load_metrics(*, lpips: Sequence[str] = (), dists: Sequence[str] = (), inception: str = "", niqe: str = "",
                  pyiqa: Sequence[str] = ("auto",), crop_border: int = 0, fid_batch: int = 50,
-                 fid_dims: int = 2048, pyiqa_device: str = "cpu") -> MetricSuite:
-    """A :class:`MetricSuite` from weight files (empty = skip that metric).
+                 fid_dims: int = 2048, pyiqa_device: str = "cpu", discover: bool = True) -> MetricSuite:
+    """A :class:`MetricSuite` from weight files: the ones given, else the ones found where PyTorch packages keep
+    them (:mod:`jsr.metrics.files`; ``python -m jsr.metrics files`` lists them).
 
     Args:
       lpips: files for :func:`jsr.metrics.load_lpips_params` (torchvision VGG16 + the LPIPS ``vgg.pth`` heads, or
@@ -97,56 +157,68 @@ def load_metrics(*, lpips: Sequence[str] = (), dists: Sequence[str] = (), incept
       dists: files for :func:`jsr.metrics.load_dists_params` (VGG16 + DISTS' ``weights.pt``, or one saved file).
       inception: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` (or its safetensors) for FID.
       niqe: pristine NIQE parameters (basicsr's ``niqe_pris_params.npz`` or MATLAB's ``modelparameters.mat``).
+        For each of these: empty = look for the files (``discover``), ``"none"`` = skip the metric. Given files
+        always win; a given file that does not load raises, a found one that does not load is reported as
+        unusable (``suite.skipped``, ``suite.weights``) and its metric skipped.
       pyiqa: ``auto`` (each of musiq/maniqa/clipiqa whose pyiqa and weights are present), ``none``, or names
         (each must be available).
+      discover: look for the files that are not given (False: a metric without files is skipped).
     Raises:
-      FileNotFoundError / ValueError from the loaders; ValueError for a requested pyiqa metric that is not
-      available.
+      FileNotFoundError / ValueError from the loaders for given files; ValueError for a requested pyiqa metric
+      that is not available.
     """
-    skipped = {}
     if fid_dims not in (64, 192, 768, 2048):
         raise ValueError(f"fid_dims must be 64, 192, 768 or 2048, got {fid_dims}")
-    suite = MetricSuite(crop_border=crop_border, fid_batch=fid_batch, fid_dims=fid_dims,
-                        pyiqa_device=pyiqa_device, skipped=skipped)
-    if lpips:
-        suite.lpips = load_lpips_params(*lpips)
-    else:
-        skipped["lpips"] = "no LPIPS weights given (--lpips)"
-    if dists:
-        suite.dists = load_dists_params(*dists)
-    else:
-        skipped["dists"] = "no DISTS weights given (--dists)"
-    if inception:
-        suite.inception = load_inception_params(inception)
-    else:
-        skipped["fid"] = "no Inception weights given (--fid_inception)"
-    if niqe:
-        suite.niqe = niqe_lib.load_niqe_params(niqe)
-    else:
-        skipped["niqe"] = "no NIQE pristine parameters given (--niqe)"
+    suite = MetricSuite(crop_border=crop_border, fid_batch=fid_batch, fid_dims=fid_dims, pyiqa_device=pyiqa_device)
+    skipped = suite.skipped
+    suite.lpips = _load_weights(suite, "lpips", _given(lpips), "--lpips", discover, load_lpips_params)
+    suite.dists = _load_weights(suite, "dists", _given(dists), "--dists", discover, load_dists_params)
+    suite.inception = _load_weights(suite, "fid", _given(inception), "--fid_inception", discover,
+                                    load_inception_params)
+    suite.niqe = _load_weights(suite, "niqe", _given(niqe), "--niqe", discover, niqe_lib.load_niqe_params)
     names = [n.strip().lower() for n in pyiqa if n.strip()]
+    source: dict[str, str] = {}
+    notes: dict[str, str] = {}
     if names == ["auto"]:
-        chosen = [n for n in PYIQA_METRICS if pyiqa_bridge.available(n)]
         for n in PYIQA_METRICS:
-            if n not in chosen:
-                skipped[n] = ("pyiqa or its weights are not available (files: "
-                              f"{', '.join(str(p) for p in pyiqa_bridge.required_files(n))})")
+            ok, why = _pyiqa_ready(n)
+            source[n] = "found" if ok else "missing"
+            if not ok:
+                notes[n] = why
+                skipped[n] = f"{why}: see python -m jsr.metrics files"
     elif names in ([], ["none"]):
-        chosen = []
+        source = dict.fromkeys(PYIQA_METRICS, "off")
         skipped.update({n: "pyiqa metrics disabled (--pyiqa=none)" for n in PYIQA_METRICS})
     else:
         bad = [n for n in names if n not in PYIQA_METRICS]
         if bad:
             raise ValueError(f"unknown pyiqa metric(s) {bad}; choose from {list(PYIQA_METRICS)}, 'auto' or 'none'")
-        missing = [n for n in names if not pyiqa_bridge.available(n)]
-        if missing:
-            files = [str(p) for n in missing for p in pyiqa_bridge.required_files(n)]
-            raise ValueError(f"pyiqa metric(s) {missing} requested but not available: pyiqa must import and the "
-                             f"weights must be on disk ({files})")
-        chosen = names
+        problems = [f"{n}: {why}" for n in names for ok, why in [_pyiqa_ready(n)] if not ok]
+        if problems:
+            raise ValueError(f"pyiqa metric(s) requested but not available: {'; '.join(problems)}")
+        source = {n: "found" if n in names else "off" for n in PYIQA_METRICS}
         skipped.update({n: "not requested (--pyiqa)" for n in PYIQA_METRICS if n not in names})
-    suite.pyiqa = tuple(chosen)
+    suite.pyiqa = tuple(n for n in PYIQA_METRICS if source[n] == "found")
+    for n in PYIQA_METRICS:  # pyiqa reads its own files; these are the ones it will find
+        suite.weights[n] = {"source": source[n], "note": notes.get(n, skipped.get(n, "")),
+                            "files": [str(lk.path) for lk in metric_files.metric_lookups(n) if lk.found]}
     return suite
+
+
+def weights_summary(suite: MetricSuite) -> list[str]:
+    """One line per weighted metric: where its weights come from (given, found, missing, unusable, off) and the
+    files, or why not; what ``evaluate.py`` prints before it starts."""
+    home = str(Path.home())
+
+    def short(p: str) -> str:
+        return "~" + p[len(home):] if home not in ("", "/") and p.startswith(home + "/") else p
+
+    lines = []
+    for key, w in suite.weights.items():
+        title = metric_files.METRIC_TITLES.get(key, key)
+        what = ", ".join(short(f) for f in w["files"]) if w["source"] in ("given", "found") else w["note"]
+        lines.append(f"  {title:<8} {w['source']:<8} {what}")
+    return lines
 
 
 class FeatureBuffer:

@@ -85,6 +85,12 @@ def markdown_tables(report: Mapping) -> str:
     if report.get("plot_missing"):
         lines += ["", "## Fidelity-vs-realism plot", "", f"Not drawn (no fidelity_realism.png): "
                   f"{report['plot_missing']}."]
+        if report.get("plot_t"):
+            knob = report["model"].get("sweep") or "t"
+            plotted = " and ".join(COLUMN[k].title for k in report["plot_t_metrics"])
+            lines.append(f"Instead, fidelity_t.png plots {plotted} against {knob}.")
+        elif report.get("plot_t_missing"):
+            lines.append(f"No fidelity-vs-t plot either: {report['plot_t_missing']}.")
     if notes:
         lines += ["", "## Notes", ""] + notes
     return "\n".join(lines) + "\n"
