@@ -54,7 +54,7 @@ from jsr.methods.api import ExportEntry, Knob, Method, TrainSetup, Update
 from jsr.models import lora as L
 from jsr.models.common import abstract_params
 from jsr.models.sft import LQSFT, SFTConfig, init_sft_params, sft_config_of, sft_from_torch, sft_modulation
-from jsr.sr import gan, generator, losses
+from jsr.sr import gan, generator
 from jsr.sr import region_prior as rp
 from jsr.sr import schedule as sched
 
@@ -401,12 +401,9 @@ class CODSR(Method):
             x_sr = generator.decode(m, frozen_["vae"], z_hat)
             total, parts = rec(x_sr, x_hq, frozen_)
             if use_vsd:
-                vsd, p = losses.vsd_loss(z_hat, batch["c"], frozen_["c_neg"], k_vsd,
-                                         real_eps=common.net(m, frozen_, None).eps,
-                                         fake_eps=common.net(m, frozen_, params["fake"]["unet"]).eps,
-                                         schedule=m.schedule, cfg_scale=lw.cfg_scale, t_min=lw.vsd_t_min,
-                                         t_max=lw.vsd_t_max)
-                total = total + lw.vsd * vsd
+                vsd, p = common.vsd_term(m, frozen_, params["fake"]["unet"], z_hat, batch["c"], frozen_["c_neg"],
+                                         k_vsd, lw)
+                total = total + vsd
                 parts = {**parts, **p}
             if use_maps:
                 size = x_hq.shape[1:3]
@@ -419,13 +416,7 @@ class CODSR(Method):
 
         updates = [Update("align", gen_loss, common.optimizer(config))]
         if use_vsd:
-            def fake_loss(params, frozen_, batch, rng_, carry):
-                loss, parts = losses.fake_score_loss(carry["z_hat"], batch["c"], rng_,
-                                                     fake_output=common.net(m, frozen_, params["fake"]["unet"]).output,
-                                                     schedule=m.schedule)
-                return loss, (parts, carry)
-
-            updates.append(Update("fake", fake_loss, common.optimizer(config)))
+            updates.append(common.fake_score_update(m, config))
         host = _NounTokens(base, int(cc.max_noun_tokens)) if matching else None
         requires = {r: str(cc.stage1) for r in ("unet", "vae", "sft")} if cc.stage1 else {}
         return TrainSetup(params=params, phases=[(0, updates)], frozen=frozen,

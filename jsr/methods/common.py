@@ -70,6 +70,38 @@ def net(models: Any, frozen: Mapping[str, Any], lora: L.LoRA | None) -> UNetTeac
     return UNetTeacher(params=frozen["unet"], lora=lora, schedule=models.schedule, unet=models.unet)
 
 
+def vsd_term(models: Any, frozen: Mapping[str, Any], fake_unet: L.LoRA, z_hat: jax.Array, c: jax.Array,
+             c_neg: jax.Array, rng: jax.Array, loss_config: Any,
+             t: jax.Array | None = None) -> tuple[jax.Array, dict]:
+    """``(loss_config.vsd * L_vsd, parts)``: variational score distillation of the generator's latent ``z_hat``
+    [B, h, w, 4] between the frozen base (guided by ``loss_config.cfg_scale`` against ``c_neg``) and the fake
+    score ``fake_unet`` (a LoRA on the same base), both conditioned on ``c`` [B, L, D]. Timesteps: ``t`` [B] when
+    given (RCOD's code-dependent draws), else uniform in ``[vsd_t_min, vsd_t_max)`` (OSEDiff)."""
+    draw = {"t": t} if t is not None else {"t_min": loss_config.vsd_t_min, "t_max": loss_config.vsd_t_max}
+    vsd, parts = losses.vsd_loss(z_hat, c, c_neg, rng, real_eps=net(models, frozen, None).eps,
+                                 fake_eps=net(models, frozen, fake_unet).eps, schedule=models.schedule,
+                                 cfg_scale=loss_config.cfg_scale, **draw)
+    return loss_config.vsd * vsd, parts
+
+
+def fake_score_update(models: Any, config: Any,
+                      condition: Callable[[Mapping[str, Any], Mapping[str, Any]], jax.Array] | None = None) -> Any:
+    """The VSD fake score's own update (group ``fake``, LoRA at ``params["fake"]["unet"]``), run after the
+    generator's: it learns to denoise the generator's latent ``carry["z_hat"]`` under the prompt embeddings
+    ``condition(batch, carry)`` [B, L, D] (default ``batch["c"]``; RCOD passes the prompt its VSD used)."""
+    from jsr.methods.api import Update  # api imports nothing from here; the import is local to keep it that way
+
+    cond = condition or (lambda batch, carry: batch["c"])
+
+    def fake_loss(params, frozen_, batch, rng_, carry):
+        loss, parts = losses.fake_score_loss(carry["z_hat"], cond(batch, carry), rng_,
+                                             fake_output=net(models, frozen_, params["fake"]["unet"]).output,
+                                             schedule=models.schedule)
+        return loss, (parts, carry)
+
+    return Update("fake", fake_loss, optimizer(config))
+
+
 def base_frozen(config: Any, base: Any, rng: jax.Array, *, lpips: bool = True) -> dict[str, Any]:
     """The frozen tree every method starts from: the base ``unet``/``vae``, the negative prompt ``c_neg``, and
     the LPIPS weights when ``lpips`` and ``config.loss.lpips > 0``."""

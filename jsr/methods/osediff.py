@@ -16,15 +16,13 @@ release file is OSEDiff's ``osediff.pkl`` (``jsr.weights.peft`` reads it).
 
 from __future__ import annotations
 
-from typing import Any, Mapping
-
 import jax
 
 from jsr.methods import common, registry
 from jsr.methods.api import ExportEntry, Method, TrainSetup, Update
 from jsr.methods.lfim_knobs import LFIM_KNOBS, apply_lfim
 from jsr.models import lora as L
-from jsr.sr import generator, losses
+from jsr.sr import generator
 
 # The fake score trains LoRA only (OSEDiff_reg): OSEDiff's targets, no fully trained conv_in.
 FAKE_SCORE_UNET = L.LoRASpec(L.OSEDIFF_UNET_TARGETS, rank=4, alpha=8.0)
@@ -66,26 +64,16 @@ class OSEDiff(Method):
                                                     batch["c"], rng=k_enc)
             total, parts = rec(x_sr, x_hq, frozen_)
             if use_vsd:
-                vsd, p = losses.vsd_loss(z_hat, batch["c"], frozen_["c_neg"], k_vsd,
-                                         real_eps=common.net(m, frozen_, None).eps,
-                                         fake_eps=common.net(m, frozen_, params["fake"]["unet"]).eps,
-                                         schedule=m.schedule, cfg_scale=lw.cfg_scale, t_min=lw.vsd_t_min,
-                                         t_max=lw.vsd_t_max)
-                total = total + lw.vsd * vsd
+                vsd, p = common.vsd_term(m, frozen_, params["fake"]["unet"], z_hat, batch["c"], frozen_["c_neg"],
+                                         k_vsd, lw)
+                total = total + vsd
                 parts = {**parts, **p}
             return total, (parts, {"z_hat": jax.lax.stop_gradient(z_hat)})
 
         updates = [Update("gen", gen_loss, common.optimizer(config))]
         if use_vsd:
             params["fake"] = {"unet": L.init(k_fake, base.unet_params, FAKE_SCORE_UNET)}
-
-            def fake_loss(params, frozen_, batch, rng_, carry):
-                loss, parts = losses.fake_score_loss(carry["z_hat"], batch["c"], rng_,
-                                                     fake_output=common.net(m, frozen_, params["fake"]["unet"]).output,
-                                                     schedule=m.schedule)
-                return loss, (parts, carry)
-
-            updates.append(Update("fake", fake_loss, common.optimizer(config)))
+            updates.append(common.fake_score_update(m, config))
         # The fake score is a training device, not a result: only the generator is exported.
         return TrainSetup(params=params, phases=[(0, updates)], frozen=frozen,
                           export={"gen": {"unet": ExportEntry("unet"), "vae": ExportEntry("vae")}})

@@ -75,7 +75,7 @@ from jsr.methods.lfim_knobs import LFIM_KNOBS, apply_lfim
 from jsr.methods.osediff import FAKE_SCORE_UNET
 from jsr.models import lora as L
 from jsr.models.clip_vision import PREPROCESS_MODES, CLIPVisionConfig, CLIPVisionModel, clip_preprocess
-from jsr.sr import generator, losses
+from jsr.sr import generator
 from jsr.sr.teachers import UNetTeacher
 
 RELEASE_ABAR = 0.7537  # rcod_o_model.py: alpha_prod_t = 0.7537 for every code
@@ -423,25 +423,16 @@ class RCOD(Method):
                 else:
                     c_neg = frozen_["c_neg"]
                 t = vsd_timesteps(k_t, codes, t_min, t_min_high, t_max, split)
-                vsd, p = losses.vsd_loss(z_hat, c_pos, c_neg, k_vsd, real_eps=common.net(m, frozen_, None).eps,
-                                         fake_eps=common.net(m, frozen_, params["fake"]["unet"]).eps,
-                                         schedule=m.schedule, cfg_scale=lw.cfg_scale, t=t)
-                total = total + lw.vsd * vsd
+                vsd, p = common.vsd_term(m, frozen_, params["fake"]["unet"], z_hat, c_pos, c_neg, k_vsd, lw, t=t)
+                total = total + vsd
                 parts = {**parts, **p}
             return total, (parts, {"z_hat": jax.lax.stop_gradient(z_hat), "c": jax.lax.stop_gradient(c_pos)})
 
         updates = [Update("gen", gen_loss, _optimizer(config, train_proj))]
         if use_vsd:
             params["fake"] = {"unet": L.init(k_fake, base.unet_params, FAKE_SCORE_UNET)}
-
-            def fake_loss(params, frozen_, batch, rng_, carry):
-                # The fake score learns the generator's outputs under the prompt VSD conditions it on.
-                loss, parts = losses.fake_score_loss(carry["z_hat"], carry["c"], rng_,
-                                                     fake_output=common.net(m, frozen_, params["fake"]["unet"]).output,
-                                                     schedule=m.schedule)
-                return loss, (parts, carry)
-
-            updates.append(Update("fake", fake_loss, common.optimizer(config)))
+            # The fake score learns the generator's outputs under the prompt VSD conditions it on.
+            updates.append(common.fake_score_update(m, config, lambda batch, carry: carry["c"]))
         vision_axes = VisionTower(params=logical_axes(tower.module()), config=tower.config)
         return TrainSetup(
             params=params, phases=[(0, updates)], frozen=frozen,
