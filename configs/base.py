@@ -82,3 +82,13 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if "pisasr" in c:
         c.pisasr.pixel_steps = 3
     return c
+
+
+def two_stage_arg(arg: str | None, file: str) -> tuple[int, bool]:
+    """``(stage, tiny)`` from a two-stage method's config argument (``stage1``, ``stage2``, ``stage1-tiny``,
+    ``stage2-tiny``; ``None`` is ``stage1``); ``file`` names the config in the error for anything else."""
+    arg = arg or "stage1"
+    stage, _, variant = arg.partition("-")
+    if stage not in ("stage1", "stage2") or variant not in ("", "tiny"):
+        raise ValueError(f"{file}: unknown variant {arg!r} (want stage1, stage2, stage1-tiny, stage2-tiny)")
+    return int(stage[-1]), variant == "tiny"

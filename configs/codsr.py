@@ -16,25 +16,21 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
-    arg = arg or "stage1"
-    stage, _, variant = arg.partition("-")
-    if stage not in ("stage1", "stage2") or variant not in ("", "tiny"):
-        raise ValueError(f"configs/codsr.py: unknown variant {arg!r} (want stage1, stage2, stage1-tiny, stage2-tiny)")
+    stage, tiny = base.two_stage_arg(arg, "configs/codsr.py")
     c = base.get_config("codsr")
     c.optim.lr = 5e-5
     c.loss.l2, c.loss.lpips = 1.0, 2.0
-    if stage == "stage1":
-        c.codsr.stage = 1
+    c.codsr.stage = stage
+    if stage == 1:
         c.total_steps = 14_000
         c.data.batch_size = 4
     else:
-        c.codsr.stage = 2
         c.total_steps = 4_000
         c.data.batch_size = 4
         c.data.null_prompt_ratio = 0.2
         c.data.noun_masks = True
         c.loss.vsd, c.loss.vsd_t_min, c.loss.vsd_t_max, c.loss.cfg_scale = 2.0, 20, 980, 7.5
-    if variant == "tiny":
+    if tiny:
         base.tiny(c)
         c.codsr.gan_start = 2  # both phases (reconstruction only, then + GAN) within the tiny run's 6 steps
         c.codsr.disc_hidden = 16

@@ -11,14 +11,11 @@ from configs import base
 
 
 def get_config(arg: str | None = None):
-    arg = arg or "stage1"
-    stage, _, variant = arg.partition("-")
-    if stage not in ("stage1", "stage2") or variant not in ("", "tiny"):
-        raise ValueError(f"configs/ctsr.py: unknown variant {arg!r} (want stage1, stage2, stage1-tiny, stage2-tiny)")
+    stage, tiny = base.two_stage_arg(arg, "configs/ctsr.py")
     c = base.get_config("ctsr")
-    c.ctsr.stage = 1 if stage == "stage1" else 2
+    c.ctsr.stage = stage
     c.total_steps = 20_000
     c.optim.lr = 5e-5
-    if variant == "tiny":
+    if tiny:
         base.tiny(c)
     return c
