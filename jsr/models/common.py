@@ -6,7 +6,8 @@ Convention: each model module has a plain method ``example_inputs(batch=1) -> tu
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -29,3 +30,13 @@ def logical_axes(module: nn.Module) -> Any:
     (``("embed", "mlp")``...). Map them onto a mesh with ``flax.linen.logical_to_mesh_sharding``."""
     variables = jax.eval_shape(lambda: module.init(jax.random.key(0), *module.example_inputs()))
     return nn.get_partition_spec(variables)["params"]
+
+
+def config_fields(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
+    """``d`` as keyword arguments of the dataclass ``cls`` (a module config read back from JSON); a key that is
+    not a field is an error naming the known ones (a typo must not silently fall back to a default)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
+    return dict(d)

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsr.models.common import abstract_params
+from jsr.models.common import abstract_params, config_fields
 from jsr.models.layers import Conv
 from jsr.weights import convert
 
@@ -82,11 +82,7 @@ class LRRBConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LRRBConfig":
         """Inverse of :meth:`to_dict`; unknown keys are an error (a typo must not silently fall back)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"LRRBConfig: unknown field(s) {unknown}; known: {sorted(names)}")
-        return cls(**dict(d))
+        return cls(**config_fields(cls, d))
 
     @classmethod
     def from_json(cls, s: str) -> "LRRBConfig":

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsr.models.common import abstract_params
+from jsr.models.common import abstract_params, config_fields
 from jsr.models.layers import Conv
 from jsr.weights import convert
 
@@ -67,11 +67,7 @@ class SFTConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "SFTConfig":
         """Inverse of :meth:`to_dict`; unknown keys are an error (a typo must not silently fall back)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"SFTConfig: unknown field(s) {unknown}; known: {sorted(names)}")
-        return cls(**{k: int(v) for k, v in d.items()})
+        return cls(**{k: int(v) for k, v in config_fields(cls, d).items()})
 
 
 def pixel_unshuffle(x: jax.Array, factor: int) -> jax.Array:
