@@ -88,3 +88,39 @@ def one_device_xla_flags() -> str:
     if "xla_force_host_platform_device_count" in flags:
         return re.sub(r"--xla_force_host_platform_device_count=\d+", "--xla_force_host_platform_device_count=1", flags)
     return (flags + " --xla_force_host_platform_device_count=1").strip()
+
+
+def override(config, over: dict):
+    """``config`` with dotted-path overrides applied in place (``{"loss.lpips": 0.0}``), returned for chaining."""
+    for k, v in over.items():
+        node = config
+        *parents, leaf = k.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = v
+    return config
+
+
+def upscaled_lq(seed: int = 0, size: int = 16) -> np.ndarray:
+    """An upscaled LQ batch [1, 4 size, 4 size, 3] in [0, 1] (what the CLI makes of a random size x size file)."""
+    from jsr.sr import infer
+
+    rng = np.random.default_rng(seed)
+    return infer.upscale_bicubic(rng.integers(0, 256, (size, size, 3)).astype(np.float32) / 255.0, 4)[None]
+
+
+def add_osediff_unet_adapters(unet, rank: int, suffix: str = "", activate: bool = True) -> dict[str, list[str]]:
+    """Add OSEDiff's three UNet LoRA adapters ``default_{encoder,decoder,others}{suffix}`` (peft, gaussian init:
+    B = 0) to a diffusers UNet, as the releases build them, made active when ``activate``; returns the target
+    lists ``{group: [module names]}`` (what the release pickles record)."""
+    import peft
+
+    lists = osediff_unet_groups([n for n, _ in unet.named_parameters()])
+    names = []
+    for g in ("encoder", "decoder", "others"):
+        unet.add_adapter(peft.LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=lists[g]),
+                         adapter_name=f"default_{g}{suffix}")
+        names.append(f"default_{g}{suffix}")
+    if activate:
+        unet.set_adapter(names)
+    return lists

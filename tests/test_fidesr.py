@@ -34,17 +34,14 @@ from jsr.methods.restorer import load_restorer
 from jsr.models import lora as L
 from jsr.models.lrrb import LRRBConfig, init_lrrb_params, lrrb_to_torch
 from jsr.sr import generator, infer, lfim
-from tests.helpers import osediff_unet_groups, randomise_torch, rel_error
+from tests.helpers import add_osediff_unet_adapters, randomise_torch, rel_error, upscaled_lq
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ("encoder", "decoder", "others")
 STEPS = 30
 
 
-def _lq(seed=0, size=16):
-    """An upscaled LQ batch [1, 4 size, 4 size, 3] in [0, 1] (what the CLI makes of a size x size file)."""
-    rng = np.random.default_rng(seed)
-    return infer.upscale_bicubic(rng.integers(0, 256, (size, size, 3)).astype(np.float32) / 255.0, 4)[None]
+_lq = upscaled_lq
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +56,11 @@ def release(base, tmp_path_factory):
     """FiDeSR's checkpoint layout on the tiny model, plus the PyTorch modules it came from."""
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
-    peft = pytest.importorskip("peft")
+    pytest.importorskip("peft")
     from tests.test_fidesr_blocks import _torch_lrrb  # the release's LRRB in plain torch
 
     unet = diffusers.UNet2DConditionModel.from_pretrained(base.path / "unet").eval()
-    lists = osediff_unet_groups([n for n, _ in unet.named_parameters()])
-    for g in GROUPS:
-        unet.add_adapter(peft.LoraConfig(r=8, init_lora_weights="gaussian", target_modules=lists[g]),
-                         adapter_name=f"default_{g}")
-    unet.set_adapter([f"default_{g}" for g in GROUPS])
+    lists = add_osediff_unet_adapters(unet, rank=8)
     gen = torch.Generator().manual_seed(5)
     with torch.no_grad():
         for n, p in unet.named_parameters():

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 import jsr.methods
-from jsr.methods import Knob, Method, registry
+from jsr.methods import Knob, Method
 from jsr.methods.export import base_record, check_base, read_source, write_export
 from jsr.methods.restorer import check_options, parse_lora_arg, pick_method
 from jsr.methods.export import Source
 from jsr.models import lora as L
 from jsr.sr import generator, losses
 from jsr.sr.infer import Restorer, RestoreOptions
+from tests.helpers import override
 
 
 def test_registry_names_aliases_and_errors():
@@ -183,12 +184,7 @@ def _setup(name, base, **over):
 
     c = cb.tiny(cb.get_config(name))
     c.loss.lpips = 0.0
-    for k, v in over.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
+    override(c, over)
     return c, jsr.methods.get(name).setup(c, base, jax.random.key(3))
 
 

@@ -35,17 +35,14 @@ from jsr.methods.restorer import load_restorer
 from jsr.models import lora as L
 from jsr.models.clip_vision import clip_preprocess
 from jsr.sr import infer
-from tests.helpers import osediff_unet_groups, randomise_torch, rel_error
+from tests.helpers import add_osediff_unet_adapters, override, randomise_torch, rel_error, upscaled_lq
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ("encoder", "decoder", "others")
 STEPS = 4
 
 
-def _lq(seed=0, size=16):
-    """An upscaled LQ batch [1, 4 size, 4 size, 3] in [0, 1] (what the CLI makes of a size x size file)."""
-    rng = np.random.default_rng(seed)
-    return infer.upscale_bicubic(rng.integers(0, 256, (size, size, 3)).astype(np.float32) / 255.0, 4)[None]
+_lq = upscaled_lq
 
 
 @pytest.fixture(scope="module")
@@ -304,11 +301,7 @@ def release(base, vision_dir, tmp_path_factory):
     from tests.test_peft_io import _osediff_vae_targets, _perturb_lora
 
     unet = diffusers.UNet2DConditionModel.from_pretrained(base.path / "unet").eval()
-    lists = osediff_unet_groups([n for n, _ in unet.named_parameters()])
-    for g in GROUPS:
-        unet.add_adapter(peft.LoraConfig(r=4, init_lora_weights="gaussian", target_modules=lists[g]),
-                         adapter_name=f"default_{g}")
-    unet.set_adapter([f"default_{g}" for g in GROUPS])
+    lists = add_osediff_unet_adapters(unet, rank=4)
     _perturb_lora(unet, 5, also=("conv_in",))  # B non-zero; conv_in fully trained
     vae = diffusers.AutoencoderKL.from_pretrained(base.path / "vae").eval()
     vae_targets = _osediff_vae_targets([n for n, _ in vae.named_parameters()])
@@ -441,13 +434,7 @@ def _config(**over):
     # The release's preprocessing: the restorer's programs (whose static knobs include it) are then the ones the
     # release test compiled; the clip mode's context is checked eagerly above.
     c.rcod.preprocess = "release"
-    for k, v in over.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return override(c, over)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 
 from configs import ctsr, fidelity, osediff, pisasr
 from jsr.train import loop
-from tests.helpers import one_device_xla_flags
+from tests.helpers import one_device_xla_flags, override
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,13 +36,7 @@ def _config(name="osediff", **over):
     c.checkpoint.every = 2
     c.log.image_every = 0
     c.mesh.num_devices = 1
-    for k, v in over.items():
-        node = c
-        *parents, leaf = k.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = v
-    return c
+    return override(c, over)
 
 
 @contextlib.contextmanager
