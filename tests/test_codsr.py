@@ -22,7 +22,7 @@ import jsr.methods.codsr  # noqa: F401 - registers the method
 from jsr.methods.export import read_source
 from jsr.methods.restorer import load_restorer
 from jsr.sr import infer
-from tests.helpers import osediff_unet_groups, randomise_torch, rel_error
+from tests.helpers import add_osediff_unet_adapters, randomise_torch, rel_error
 
 GROUPS = ("encoder", "decoder", "others")
 RANK = 8
@@ -72,11 +72,8 @@ def release(base, tmp_path_factory):
     from tests.test_codsr_blocks import _torch_sft
 
     unet = diffusers.UNet2DConditionModel.from_pretrained(base.path / "unet").eval()
-    lists = osediff_unet_groups([n for n, _ in unet.named_parameters()])
-    for suffix in ("", "_alignment"):
-        for g in GROUPS:
-            unet.add_adapter(peft.LoraConfig(r=RANK, init_lora_weights="gaussian", target_modules=lists[g]),
-                             adapter_name=f"default_{g}{suffix}")
+    lists = add_osediff_unet_adapters(unet, rank=RANK, activate=False)
+    add_osediff_unet_adapters(unet, rank=RANK, suffix="_alignment", activate=False)
     _perturb(unet, 5, keep=lambda n: "alignment" not in n)
     # Stage 2 trains only the alignment adapters' attn2 layers; the others keep B = 0 (their gaussian A stays).
     _perturb(unet, 6, keep=lambda n: "alignment" in n and "attn2" in n)
@@ -252,6 +249,40 @@ def test_discriminator_update_lowers_its_loss_on_a_fixed_batch():
     d1, g1, _ = losses(train(heads))
     assert float(d1) < 0.8 * float(d0), (float(d0), float(d1))
     assert float(g1) > float(g0)  # a better discriminator makes the generator's term larger
+
+
+def test_discriminator_backbone_is_sharded_like_the_base_and_gives_the_same_logits(base):
+    """Stage 1's frozen ViT (``TrainSetup.frozen_axes``) takes the base's fsdp/tensor rules on a 2x2x2 mesh, the
+    trainable heads and SFT stay replicated (the loop replicates every trainable tree), and the discriminator's
+    logits on the sharded backbone equal the single-device ones (f32; 1e-5 relative: only reduction order can
+    differ across shards)."""
+    from configs import codsr as codsr_config
+    from jsr.methods.codsr import STANDIN_BACKBONE
+    from jsr.models.clip_vision import CLIPVisionConfig, CLIPVisionModel
+    from jsr.models.vision_disc import default_layers, discriminator_logits
+    from jsr.train import loop, sharding
+
+    c = codsr_config.get_config("stage1-tiny")
+    c.loss.lpips = 0.0
+    setup = jsr.methods.get("codsr").setup(c, base, jax.random.key(0))
+    assert set(setup.frozen_axes) == {"disc_backbone"} and {"gen", "disc"} <= set(setup.params)
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    frozen_sh = loop._frozen_shardings(setup.frozen, base, mesh, True, sharding.DEFAULT_RULES, setup.frozen_axes)
+    specs = [s.spec for s in jax.tree.leaves(frozen_sh["disc_backbone"])]
+    sharded_over = {a for spec in specs for a in spec if a is not None}
+    assert {"fsdp", "tensor"} <= sharded_over, specs
+
+    backbone = CLIPVisionModel(CLIPVisionConfig(**STANDIN_BACKBONE))
+    layers = default_layers(backbone.config.num_hidden_layers)
+    heads = setup.params["disc"]["heads"]
+    x = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 64, 64, 3)), jnp.float32)
+    logits = jax.jit(lambda b, h, x_: discriminator_logits(backbone, b, h, x_, layers, int(c.codsr.disc_hidden)))
+    one = logits(setup.frozen["disc_backbone"], heads, x)
+    rep = sharding.replicated(mesh)
+    many = logits(jax.device_put(setup.frozen["disc_backbone"], frozen_sh["disc_backbone"]),
+                  jax.device_put(heads, rep), jax.device_put(x, sharding.batch_sharding(mesh)))
+    for a, b in zip(one, many):
+        assert rel_error(np.asarray(b), np.asarray(a)) < 1e-5
 
 
 def test_gan_losses_against_their_formulas():
