@@ -51,7 +51,11 @@ _SPILL_DIR = flags.DEFINE_string("spill_dir", "", "Where --max_memory spills til
 
 _DATASET = flags.DEFINE_multi_string("dataset", [], "Test set (repeatable): NAME:hq=DIR[,lq=DIR][,strip=REGEX]"
                                      "[,seed=N][,crop=N][,degradation=PRESET]. With lq: paired folders; without: "
-                                     "HQ images degraded on the fly (Real-ESRGAN, fixed seed).")
+                                     "HQ images degraded on the fly (Real-ESRGAN, fixed seed). Or a prepared TFDS "
+                                     "set: tfds:realsr|drealsr|div2k_val[,data_dir=DIR] (python -m "
+                                     "jsr.data.testsets).")
+_TFDS_DATA_DIR = flags.DEFINE_string("tfds_data_dir", "", "TFDS data folder of the tfds: datasets without data_dir= "
+                                     "(default: TFDS's, ~/tensorflow_datasets).")
 _COMPARE = flags.DEFINE_multi_string("compare", [], "Another method's SR images (repeatable): LABEL=DIR, "
                                      "{dataset} in DIR replaced by each dataset name.")
 _MAX_IMAGES = flags.DEFINE_integer("max_images", 0, "Use the first N images of each dataset (0: all).")
@@ -111,12 +115,14 @@ def _max_memory() -> int:
 def _setup():
     """Datasets, metrics and model from the flags; the inputs are checked before the (slow) model load."""
     import jsr.eval as ev
+    from jsr.eval.datasets import open_dataset
     from jsr.methods.restorer import check_options, load_restorer
     from jsr.sr.infer import RestoreOptions
 
     specs = [ev.parse_dataset(s) for s in _DATASET.value]
     compare = [ev.parse_compare(s) for s in _COMPARE.value]
-    datasets = [ev.EvalDataset(s, scale=_UPSCALE.value, max_images=_MAX_IMAGES.value) for s in specs]
+    datasets = [open_dataset(s, scale=_UPSCALE.value, max_images=_MAX_IMAGES.value,
+                             tfds_data_dir=_TFDS_DATA_DIR.value or None) for s in specs]
     ev.check_inputs(datasets, compare, _UPSCALE.value)
     fixed, sweep = _knob_flags()
     options = RestoreOptions(knobs=fixed, color_fix=_COLOR_FIX.value, latent_tile=_LATENT_TILE.value,

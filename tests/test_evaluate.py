@@ -65,8 +65,9 @@ def test_parse_dataset():
     assert (s.name, s.lq, s.hq, s.strip, s.paired) == ("RealSR", "/d/LR", "/d/HR", "_(LR\\d*|HR)$", True)
     s = ev.parse_dataset("DIV2K-Val: hq=/d/div2k , crop=512, seed=3, degradation=pisa")
     assert (s.hq, s.crop, s.seed, s.degradation, s.paired) == ("/d/div2k", 512, 3, "pisa", False)
+    assert ev.parse_dataset("D:lq=/d/LR,hq=/d/HR,crop=512").crop == 512  # paired: the aligned 128/512 crops
     for bad, msg in (("noname", "want NAME"), ("X:lq=/a", "hq=<folder> is required"), ("X:hq=/a,size=3", "bad item"),
-                     ("X:hq=/a,seed=one", "integer"), ("X:hq=/a,lq=/b,crop=64", "HQ-only"),
+                     ("X:hq=/a,seed=one", "integer"), ("X:hq=/a,lq=/b,seed=1", "HQ-only"),
                      ("X:hq=/a,hq=/b", "given twice"), ("X:hq=/a,strip=(", "regular expression")):
         with pytest.raises(ValueError, match=msg):
             ev.parse_dataset(bad)
@@ -109,7 +110,9 @@ def test_cli_reports_bad_input_before_loading_a_model(tmp_path):
                       ([f"--dataset=X:lq={lq},hq={hq}", "--no_model"], "--no_model needs --compare"),
                       ([f"--dataset=X:lq={lq},hq={hq}", "--compare=B=/nonexistent/{dataset}"],
                        "compare B: folder '/nonexistent/X'"),
-                      ([f"--dataset=X:lq={lq},hq={hq}", "--t="], "--t: no values given")):
+                      ([f"--dataset=X:lq={lq},hq={hq}", "--t="], "--t: no values given"),
+                      (["--dataset=tfds:realsr", f"--tfds_data_dir={tmp_path / 'tfds'}"],  # not prepared there
+                       r"'realsr' is not prepared in .*tfds.*build realsr|dataset RealSR: .*jsr\[tfds\]")):
         proc = subprocess.run([sys.executable, "evaluate.py", f"--out={tmp_path / 'o'}"] + args, cwd=REPO,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 2 and re.search("error: .*" + msg, proc.stderr), proc.stderr[-2000:]

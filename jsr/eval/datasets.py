@@ -1,12 +1,15 @@
-"""The inputs of an evaluation: test sets (paired LQ/HQ folders, or HQ folders degraded on the fly with a fixed
-seed), other methods' SR folders matched to them, and the checks run on both before any model does."""
+"""The inputs of an evaluation: test sets (paired LQ/HQ folders, HQ folders degraded on the fly with a fixed
+seed, or prepared TFDS datasets such as :mod:`jsr.data.testsets`' ``realsr``), other methods' SR folders matched
+to them, and the checks run on both before any model does.
+
+Crops and degradation follow :mod:`jsr.data.testsets.protocol`, which the TFDS builders use too: a folder form
+and the TFDS form of a set give the same arrays."""
 
 from __future__ import annotations
 
 import collections
 import dataclasses
 import re
-import zlib
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
@@ -15,6 +18,7 @@ from PIL import Image
 
 from jsr.data import degradation as degradation_lib
 from jsr.data.sources import IMAGE_EXTENSIONS, PairedFolderSource, list_images, load_image
+from jsr.data.testsets import TEST_SETS, protocol
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,51 +27,82 @@ class DatasetSpec:
 
     Attributes:
       name: its name in the tables (``RealSR``).
-      hq: the HQ (ground-truth) folder, searched recursively.
+      hq: the HQ (ground-truth) folder, searched recursively (empty for a TFDS set).
       lq: the LQ folder (paired, matched to HQ by file stem); empty = degrade each HQ image on the fly.
       strip: regular expression removed from every stem before matching (``_(LR\\d*|HR)$`` for names that differ
         by a suffix); also applied to ``compare`` folders.
       seed: degradation seed (HQ-only sets).
-      crop: centre-crop each HQ image to ``crop x crop`` before degrading (0: the whole image); HQ-only sets.
+      crop: the HQ crop side (0: whole images). HQ-only sets: each HQ image's centre ``crop x crop`` is degraded;
+        paired sets: the aligned centre crops, LQ ``crop / scale`` and HQ ``crop`` (``crop=512`` is the papers'
+        128 -> 512 protocol on whole RealSR/DRealSR pairs).
       degradation: degradation preset (``realesrgan``, ``pisa``; :mod:`jsr.data.degradation`); HQ-only sets.
+      tfds: a prepared TFDS dataset with ``lq``, ``hq`` and ``name`` features (``realsr``, ``drealsr``,
+        ``div2k_val``: :mod:`jsr.data.testsets`) instead of folders.
+      data_dir: its TFDS data folder (empty: ``evaluate.py --tfds_data_dir``, else TFDS's default).
+      split: its split (``test``).
     """
 
     name: str
-    hq: str
+    hq: str = ""
     lq: str = ""
     strip: str = ""
     seed: int = 0
     crop: int = 0
     degradation: str = "realesrgan"
+    tfds: str = ""
+    data_dir: str = ""
+    split: str = "test"
 
     @property
     def paired(self) -> bool:
-        return bool(self.lq)
+        """Pairs that exist (folders or TFDS), as opposed to HQ images degraded on the fly."""
+        return bool(self.lq or self.tfds)
 
 
-_SPEC_KEYS = {f.name for f in dataclasses.fields(DatasetSpec)} - {"name"}
-DATASET_HELP = ("NAME:hq=DIR[,lq=DIR][,strip=REGEX][,seed=N][,crop=N][,degradation=PRESET]; with lq the folders "
-                "are paired by file stem, without it the HQ images are degraded on the fly (values may not "
-                "contain commas)")
+_FOLDER_KEYS = {"hq", "lq", "strip", "seed", "crop", "degradation"}
+_TFDS_KEYS = {"data_dir", "split", "label"}
+DATASET_HELP = ("NAME:hq=DIR[,lq=DIR][,strip=REGEX][,seed=N][,crop=N][,degradation=PRESET] or "
+                "tfds:TFDS_NAME[,data_dir=DIR][,split=SPLIT][,label=NAME]; with lq the folders are paired by file "
+                "stem (crop=512: the aligned 128/512 centre crops), without it the HQ images are degraded on the "
+                "fly; tfds: a prepared TFDS dataset (realsr, drealsr, div2k_val: python -m jsr.data.testsets) "
+                "(values may not contain commas)")
+
+
+def _items(name: str, rest: str, keys: set[str]) -> dict[str, str]:
+    kw: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq or key not in keys:
+            raise ValueError(f"dataset {name}: bad item {item!r}; keys are {sorted(keys)}")
+        if key in kw:
+            raise ValueError(f"dataset {name}: {key} given twice")
+        kw[key] = value.strip()
+    return kw
+
+
+def _parse_tfds(rest: str) -> DatasetSpec:
+    tfds_name, _, rest = rest.partition(",")
+    tfds_name = tfds_name.strip()
+    if not tfds_name or "=" in tfds_name:
+        raise ValueError(f"dataset tfds:{tfds_name}: want {DATASET_HELP}")
+    kw = _items(tfds_name, rest, _TFDS_KEYS)
+    label = kw.pop("label", "") or TEST_SETS.get(tfds_name, (tfds_name,))[0]
+    return DatasetSpec(name=label, tfds=tfds_name, **kw)
 
 
 def parse_dataset(text: str) -> DatasetSpec:
-    """A :class:`DatasetSpec` from ``NAME:key=value,...`` (see ``DATASET_HELP``), e.g.
-    ``RealSR:lq=/data/RealSR/test_LR,hq=/data/RealSR/test_HR`` or ``DIV2K-Val:hq=/data/DIV2K_val,crop=512,seed=0``.
-    Raises ValueError naming the problem."""
+    """A :class:`DatasetSpec` from ``NAME:key=value,...`` or ``tfds:TFDS_NAME,key=value,...`` (see
+    ``DATASET_HELP``), e.g. ``RealSR:lq=/data/RealSR/test_LR,hq=/data/RealSR/test_HR``,
+    ``DIV2K-Val:hq=/data/DIV2K_val,crop=512,seed=0`` or ``tfds:realsr,data_dir=/data/tfds`` (named ``RealSR`` in
+    the tables; ``label=`` renames it). Raises ValueError naming the problem."""
     name, sep, rest = text.partition(":")
     name = name.strip()
     if not sep or not name or "/" in name:
         raise ValueError(f"dataset {text!r}: want {DATASET_HELP}")
-    kw: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, value = item.partition("=")
-        key = key.strip()
-        if not eq or key not in _SPEC_KEYS:
-            raise ValueError(f"dataset {name}: bad item {item!r}; keys are {sorted(_SPEC_KEYS)}")
-        if key in kw:
-            raise ValueError(f"dataset {name}: {key} given twice")
-        kw[key] = value.strip()
+    if name == "tfds":
+        return _parse_tfds(rest)
+    kw: dict[str, Any] = _items(name, rest, _FOLDER_KEYS)
     if not kw.get("hq"):
         raise ValueError(f"dataset {name}: hq=<folder> is required ({DATASET_HELP})")
     for key in ("seed", "crop"):
@@ -78,8 +113,8 @@ def parse_dataset(text: str) -> DatasetSpec:
                 raise ValueError(f"dataset {name}: {key} must be an integer, got {kw[key]!r}") from None
     if kw.get("crop", 0) < 0:
         raise ValueError(f"dataset {name}: crop must be >= 0")
-    if kw.get("lq") and ("crop" in kw or "degradation" in kw or "seed" in kw):
-        raise ValueError(f"dataset {name}: crop/seed/degradation apply to HQ-only (degraded) sets, not to paired "
+    if kw.get("lq") and ("degradation" in kw or "seed" in kw):
+        raise ValueError(f"dataset {name}: seed/degradation apply to HQ-only (degraded) sets, not to paired "
                          "folders")
     if kw.get("strip"):
         try:
@@ -100,12 +135,15 @@ class EvalImage(NamedTuple):
 
 
 class EvalDataset:
-    """The images of a :class:`DatasetSpec`, in sorted key order (random access, read on demand): ``names`` (keys),
-    ``lq_paths`` (``None`` entries for degraded sets), ``hq_paths``.
+    """The images of a folder :class:`DatasetSpec`, in sorted key order (random access, read on demand): ``names``
+    (keys), ``lq_paths`` (``None`` entries for degraded sets), ``hq_paths``. (TFDS specs:
+    :class:`jsr.eval.tfds_dataset.TfdsEvalDataset`; :func:`open_dataset` picks.)
 
+    Paired sets with ``spec.crop``: the aligned centre crops of :func:`jsr.data.testsets.protocol.crop_pair`.
     HQ-only sets: each HQ image is centre-cropped (``spec.crop``), cut to a multiple of ``scale`` and degraded
     (:func:`jsr.data.degradation.degrade`) with its own generator seeded by ``(spec.seed, crc32(name))``: the same
-    LQ on every run and machine, whatever other files the folder holds.
+    LQ on every run and machine, whatever other files the folder holds
+    (:func:`jsr.data.testsets.protocol.degraded_pair`).
 
     Args:
       spec: the set.
@@ -116,6 +154,8 @@ class EvalDataset:
     """
 
     def __init__(self, spec: DatasetSpec, scale: int = 4, max_images: int = 0):
+        if spec.tfds:
+            raise ValueError(f"dataset {spec.name}: a TFDS set; open it with open_dataset")
         self.spec = spec
         self.name = spec.name
         for side, folder in (("HQ", spec.hq), ("LQ", spec.lq)):
@@ -151,28 +191,38 @@ class EvalDataset:
     def __getitem__(self, i: int) -> EvalImage:
         name, hq = self.names[i], load_image(self.hq_paths[i])
         if self.spec.paired:
-            return EvalImage(name, load_image(self.lq_paths[i]), hq, self.lq_paths[i], self.hq_paths[i])
-        hq = self._crop(hq, name)
-        rng = np.random.default_rng([self.spec.seed, zlib.crc32(name.encode())])
-        lq = degradation_lib.degrade(hq, rng, self._degradation)["lq_small"]
+            lq = load_image(self.lq_paths[i])
+            if self.spec.crop:
+                lq, hq = protocol.crop_pair(lq, hq, self.spec.crop, self.scale, what=f"dataset {self.name}: "
+                                            f"{name}")
+            return EvalImage(name, lq, hq, self.lq_paths[i], self.hq_paths[i])
+        lq, hq = protocol.degraded_pair(hq, name, seed=self.spec.seed, crop=self.spec.crop, scale=self.scale,
+                                        degradation=self._degradation, what=f"dataset {self.name}: {name}")
         return EvalImage(name, lq, hq, None, self.hq_paths[i])
-
-    def _crop(self, hq: np.ndarray, name: str) -> np.ndarray:
-        h, w = hq.shape[:2]
-        if self.spec.crop:
-            c = self.spec.crop
-            if h < c or w < c:
-                raise ValueError(f"dataset {self.name}: {name} is {w}x{h}, smaller than crop={c}")
-            hq = hq[(h - c) // 2:(h - c) // 2 + c, (w - c) // 2:(w - c) // 2 + c]
-            h = w = c
-        s = self.scale
-        if h < s or w < s:
-            raise ValueError(f"dataset {self.name}: {name} is {w}x{h}, smaller than the scale {s}")
-        return np.ascontiguousarray(hq[:h - h % s, :w - w % s])  # degrade wants multiples of the scale
 
     def __repr__(self) -> str:
         kind = "paired" if self.spec.paired else f"degraded (seed {self.spec.seed})"
         return f"EvalDataset({self.name!r}, {len(self)} images, {kind})"
+
+
+def open_dataset(spec: DatasetSpec, scale: int = 4, max_images: int = 0, tfds_data_dir: str | None = None) -> Any:
+    """The images of ``spec``: an :class:`EvalDataset` for folders, a
+    :class:`jsr.eval.tfds_dataset.TfdsEvalDataset` for a TFDS set (read from ``spec.data_dir``, else
+    ``tfds_data_dir``, else TFDS's default). Same interface: ``name``, ``spec``, ``names``, ``lq_paths``,
+    ``hq_paths``, ``scale``, ``len`` and ``[i] -> EvalImage``.
+
+    Raises what the two classes raise; for a TFDS set without tensorflow_datasets installed, ValueError (with the
+    install command); for one not prepared, FileNotFoundError (with the command that prepares it)."""
+    if spec.tfds:
+        from jsr.eval.tfds_dataset import TfdsEvalDataset
+
+        if tfds_data_dir and not spec.data_dir:  # the report records where the set was read
+            spec = dataclasses.replace(spec, data_dir=str(tfds_data_dir))
+        try:
+            return TfdsEvalDataset(spec, max_images=max_images)
+        except ImportError as e:  # a user's choice that this install cannot serve: a one-line error
+            raise ValueError(f"dataset {spec.name}: {e}") from None
+    return EvalDataset(spec, scale=scale, max_images=max_images)
 
 
 def _key(path: Path, root: Path, strip: str) -> str:
@@ -227,9 +277,10 @@ def _size(path: str) -> tuple[int, int]:
 def check_inputs(datasets: Sequence[EvalDataset], compare: Sequence[tuple[str, str]] = (),
                  upscale: float = 4.0) -> dict[str, list[SRFolder]]:
     """Everything about the inputs that can fail, checked before any model runs (file headers only): unique
-    dataset names, non-empty sets, every paired HQ the size of its LQ upscaled, every degraded set degraded by
-    ``upscale``, every compare folder holding an image for every test image. Returns the matched compare folders
-    per dataset. Raises ValueError (or FileNotFoundError) listing what is wrong."""
+    dataset names, non-empty sets, every paired HQ the size of its LQ upscaled (with ``crop``: the aligned crops
+    fit), every degraded, cropped or TFDS set at the ``upscale`` scale, every compare folder holding an image for
+    every test image. Returns the matched compare folders per dataset. Raises ValueError (or FileNotFoundError)
+    listing what is wrong."""
     names = [d.name for d in datasets]
     if not datasets:
         raise ValueError("no datasets given")
@@ -239,16 +290,26 @@ def check_inputs(datasets: Sequence[EvalDataset], compare: Sequence[tuple[str, s
     for ds in datasets:
         if len(ds) == 0:
             raise ValueError(f"dataset {ds.name} has no images")
-        if ds.spec.paired:
+        if ds.spec.tfds or (ds.spec.paired and ds.spec.crop):
+            if ds.scale != upscale:
+                raise ValueError(f"dataset {ds.name}: its pairs are x{ds.scale} (HQ / LQ), the evaluation upscales "
+                                 f"by x{upscale:g}")
+        if ds.spec.paired and not ds.spec.tfds:
             bad = []
             for name, lq, hq in zip(ds.names, ds.lq_paths, ds.hq_paths):
                 (w, h), want = _size(lq), _size(hq)
-                if (max(1, round(w * upscale)), max(1, round(h * upscale))) != want:
+                if ds.spec.crop:  # the aligned crops must fit; whole images need not be exactly x scale
+                    try:
+                        protocol.paired_crop_boxes((h, w), want[::-1], ds.spec.crop, ds.scale, what=name)
+                    except ValueError as e:
+                        bad.append(str(e))
+                elif (max(1, round(w * upscale)), max(1, round(h * upscale))) != want:
                     bad.append(f"{name} (LQ {w}x{h}, HQ {want[0]}x{want[1]})")
             if bad:
-                raise ValueError(f"dataset {ds.name}: {len(bad)} pair(s) where HQ is not x{upscale:g} the LQ: "
-                                 f"{bad[:10]}")
-        elif ds.scale != upscale:
+                kind = f"where the crop={ds.spec.crop} does not fit" if ds.spec.crop else \
+                    f"where HQ is not x{upscale:g} the LQ"
+                raise ValueError(f"dataset {ds.name}: {len(bad)} pair(s) {kind}: {bad[:10]}")
+        elif not ds.spec.paired and ds.scale != upscale:
             raise ValueError(f"dataset {ds.name}: its HQ images are degraded by x{ds.scale}, the evaluation "
                              f"upscales by x{upscale:g}")
         matched[ds.name] = [SRFolder(lab, f.replace("{dataset}", ds.name), ds) for lab, f in compare]
