@@ -72,6 +72,7 @@ def test_restore_equals_the_command_line_and_t_moves_it(engine, tmp_path):
     b = engine.restore(src, 4, knobs={"t": 0.9})
     assert np.abs(a.sr - b.sr).mean() > 1e-2
     assert b.programs == 0 and "no compiling" in b.summary  # a new knob value reuses the compiled program
+    assert "(t=0.9)" in b.summary and "(t=" not in a.summary  # knobs moved from their initial values are named
 
 
 def test_bad_inputs_are_one_line_messages(engine, tmp_path):

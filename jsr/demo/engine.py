@@ -263,8 +263,11 @@ class DemoEngine:
         x_up = upscale_bicubic(self.read(path, name), self.check_upscale(upscale))
         sr, seconds, span = self._run(x_up, opts)
         out = self._write(sr, name, opts)
-        summary = (f"Restored {w}x{h} → {W}x{H} with {self.restorer.label or self.restorer.method} in "
-                   f"{_duration(seconds)}")
+        moved = [f"{c.name}={opts.knobs[c.name]:g}" if not isinstance(opts.knobs[c.name], str)
+                 else f"{c.name}={opts.knobs[c.name]}" for c in self.controls
+                 if c.name in opts.knobs and opts.knobs[c.name] != c.value]
+        summary = (f"Restored {w}x{h} → {W}x{H} with {self.restorer.label or self.restorer.method}"
+                   + (f" ({', '.join(moved)})" if moved else "") + f" in {_duration(seconds)}")
         summary += (f" (of which {_duration(span.seconds)} compiling {span.programs} program(s) for this size or "
                     "these recompiling knobs: once)" if span.programs
                     else " (no compiling: the programs for this size were ready)")
