@@ -1,4 +1,7 @@
-"""The attention dispatch: every implementation equals the reference math; errors are explicit."""
+"""The attention dispatch: every implementation equals the reference math; errors are explicit. The splash kernel
+itself is tested in test_attention_splash.py."""
+import logging
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,11 +77,37 @@ def test_auto_on_gpu_takes_cudnn_only_for_head_dims_it_supports(monkeypatch):
     assert r("auto", (1, 4096, 5, 64), (1, 4096, 5, 64), jnp.float32) == "xla"  # cuDNN flash is bf16/f16 only
 
 
-def test_unknown_and_unbuilt_implementations_fail_clearly(qkv):
+def test_auto_on_tpu_takes_splash_for_long_unmasked_attention(monkeypatch):
+    monkeypatch.setattr(attention.jax, "default_backend", lambda: "tpu")
+    r = attention.resolve_implementation
+    assert r("auto", (1, 4096, 5, 64), (1, 4096, 5, 64), jnp.bfloat16) == "splash"  # UNet self-attention
+    assert r("auto:block_q=256", (1, 1024, 5, 64), (1, 1024, 5, 64), jnp.float32) == "splash"
+    assert r("auto", (1, 4096, 5, 64), (1, 77, 5, 64), jnp.bfloat16) == "xla"  # text cross-attention: short
+    assert r("auto", (1, 4096, 1, 512), (1, 4096, 1, 512), jnp.bfloat16) == "xla"  # VAE mid-block: d = 512
+    assert r("auto", (1, 4096, 5, 64), (1, 4096, 5, 64), jnp.bfloat16, masked=True) == "xla"  # splash: no mask
+    assert r("splash", (1, 4096, 5, 64), (1, 4096, 5, 64), jnp.bfloat16, masked=True) == "xla"
+    assert r("splash", (1, 64, 5, 64), (1, 77, 5, 64), jnp.bfloat16) == "splash"  # explicit: taken as asked
+
+
+def test_masked_splash_call_runs_the_masked_fallback_and_logs_it_once(qkv, caplog):
+    q, k, v = qkv
+    mask = jnp.tril(jnp.ones((300, 200), bool))
+    attention._LOGGED.clear()
+    with caplog.at_level(logging.INFO):
+        for _ in range(2):
+            out = attention.dot_product_attention(q, k, v, mask=mask, impl="splash")
+            np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, np.asarray(mask)), atol=2e-5)
+    lines = [rec.getMessage() for rec in caplog.records if rec.getMessage().startswith("attention:")]
+    assert lines == ["attention: 'splash' runs 'xla' on cpu (a masked call: splash takes no mask)"]
+
+
+def test_unknown_implementations_and_options_fail_clearly(qkv):
     q, k, v = qkv
     with pytest.raises(ValueError, match="unknown"):
         attention.dot_product_attention(q, k, v, impl="flash9")
-    with pytest.raises(ValueError, match="splash"):
-        attention.dot_product_attention(q, k, v, impl="splash")
+    with pytest.raises(ValueError, match="takes no options"):
+        attention.dot_product_attention(q, k, v, impl="xla:block_q=128")
+    with pytest.raises(ValueError, match="NAME=VALUE"):  # checked on every backend, not first on a TPU
+        attention.dot_product_attention(q, k, v, impl="auto:blok_q=128")
     with pytest.raises(ValueError, match=r"\[B, L, H, D\]"):
         attention.dot_product_attention(q[0], k, v)

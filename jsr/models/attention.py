@@ -9,9 +9,18 @@ implementation is a config string so the same weights run on CPU, GPU and TPU:
 ``"chunked"``  blocked attention, one head and ``chunk_size`` queries at a time (default: a ~16 MB score block):
                memory grows linearly with the token count (1024+ px images), and it is the fastest form on
                XLA:CPU. ``auto`` uses it on CPU for long sequences.
-``"splash"``   Pallas splash attention on TPU. Not built yet: asking for it is an error that says so; ``auto``
-               never picks it (it takes ``xla`` on TPU until then).
-``"auto"``     picks per call from the backend, sequence lengths and an attention-memory budget.
+``"splash"``   Pallas splash attention (``jsr.models.splash_attention``): the TPU flash kernel, head dims padded to
+               128, sequences padded to its blocks. Block sizes ride in the name: ``"splash:block_q=256,block_kv=512"``
+               (``SplashConfig``'s fields; e.g. ``--config.model.attention=splash:block_q=256``). Off TPU it runs in
+               Pallas interpret mode (slow; for tests). It takes no mask: a masked call (CLIP's causal text encoder)
+               runs what ``auto`` would pick without splash.
+``"auto"``     picks per call from the backend, sequence lengths and an attention-memory budget:
+               sequences of at most ``SHORT_SEQUENCE`` tokens (the 77-token text cross-attention, CLIP) -> ``xla``;
+               TPU -> ``splash`` (unmasked, head dim <= ``SPLASH_MAX_HEAD_DIM``; ``"auto:block_q=..."`` passes
+               splash its blocks); GPU -> ``cudnn`` for bf16/f16 with head dim <= 128 and % 8; else ``chunked``
+               on CPU or beyond ``AUTO_CHUNK_BYTES`` of scores, ``xla`` otherwise.
+
+Each distinct choice (requested name -> implementation, backend) is logged once (absl ``INFO``).
 """
 
 from __future__ import annotations
@@ -20,6 +29,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+from absl import logging
+
+from jsr.models import splash_config
 
 IMPLEMENTATIONS = ("auto", "xla", "jax", "cudnn", "chunked", "splash")
 
@@ -29,6 +41,12 @@ AUTO_CHUNK_BYTES = 1 << 30
 SHORT_SEQUENCE = 256
 # cuDNN's fused (flash) attention takes head dims up to 128; the VAE mid-block's single 512-wide head does not fit.
 CUDNN_MAX_HEAD_DIM = 128
+# ``auto`` takes splash for head dims that pad to one 128-lane group (SD's UNet: 64). The VAE mid-block's single
+# 512-wide head would hold 4x the VMEM per kernel block and has never run on a TPU here: it stays on XLA.
+SPLASH_MAX_HEAD_DIM = 128
+# Options may follow these names after a colon ("splash:block_q=256"); ``auto`` forwards them to splash.
+_WITH_OPTIONS = ("splash", "auto")
+_LOGGED: set[tuple[str, str, str]] = set()
 
 
 def _probs(q, k, mask, scale):
@@ -101,17 +119,45 @@ def _chunked(q, k, v, mask, scale, chunk_size):
     return jnp.swapaxes(out, 1, 2)
 
 
-def resolve_implementation(impl: str, q_shape, k_shape, dtype) -> str:
-    """The concrete implementation ``auto`` (or an explicit ``impl``) maps to for these shapes."""
-    if impl not in IMPLEMENTATIONS:
+def split_spec(impl: str) -> tuple[str, str]:
+    """``"splash:block_q=256"`` -> ``("splash", "block_q=256")``; a name without options -> ``(name, "")``.
+
+    Raises ValueError for an unknown name or options on an implementation that takes none."""
+    name, _, options = impl.partition(":")
+    name = name.strip()
+    if name not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {impl!r} is unknown; choose one of {IMPLEMENTATIONS}")
-    if impl != "auto":
-        return impl
+    if options.strip():
+        if name not in _WITH_OPTIONS:
+            raise ValueError(f"attention implementation {name!r} takes no options (got {impl!r}); only "
+                             f"{' and '.join(_WITH_OPTIONS)} do (splash block sizes)")
+        splash_config.parse_options(options)  # a typo fails here, on every backend, not first on a TPU
+    return name, options
+
+
+def resolve_implementation(impl: str, q_shape, k_shape, dtype, *, masked: bool = False) -> str:
+    """The concrete implementation name ``auto`` (or an explicit ``impl``, options allowed) maps to.
+
+    Args:
+      impl: an implementation name, optionally with splash options (``"splash:block_q=256"``).
+      q_shape, k_shape: [B, Lq, H, D] and [B, Lk, H, D].
+      dtype: the compute dtype.
+      masked: whether the call has a mask (splash takes none: a masked splash call gets ``auto``'s other choice).
+    Returns:
+      one of ``xla``, ``jax``, ``cudnn``, ``chunked``, ``splash`` (never ``auto``).
+    """
+    name, _ = split_spec(impl)
+    if name == "splash" and masked:
+        return resolve_implementation("auto", q_shape, k_shape, dtype, masked=True)
+    if name != "auto":
+        return name
     b, lq, h, d = q_shape
     lk = k_shape[1]
     if lk <= SHORT_SEQUENCE or lq <= SHORT_SEQUENCE:
         return "xla"
     backend = jax.default_backend()
+    if backend == "tpu" and not masked and d <= SPLASH_MAX_HEAD_DIM:
+        return "splash"
     if (backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
             and d <= CUDNN_MAX_HEAD_DIM and d % 8 == 0):
         return "cudnn"
@@ -122,6 +168,16 @@ def resolve_implementation(impl: str, q_shape, k_shape, dtype) -> str:
     return "xla"
 
 
+def _log_choice(impl: str, which: str, masked: bool) -> None:
+    # Once per distinct decision, not per call: a UNet traces ~16 attention layers per program.
+    key = (impl, which, jax.default_backend())
+    if key in _LOGGED:
+        return
+    _LOGGED.add(key)
+    why = " (a masked call: splash takes no mask)" if masked and split_spec(impl)[0] == "splash" else ""
+    logging.info("attention: %r runs %r on %s%s", impl, which, key[2], why)
+
+
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
                           impl: str = "auto", chunk_size: int | None = None) -> jax.Array:
     """Scaled dot-product attention, ``softmax(q k^T / sqrt(d)) v``.
@@ -130,7 +186,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
       q: [B, Lq, H, D] queries.
       k, v: [B, Lk, H, D] keys and values.
       mask: optional boolean, broadcastable to [B, H, Lq, Lk]; True means "may attend".
-      impl: one of :data:`IMPLEMENTATIONS`.
+      impl: one of :data:`IMPLEMENTATIONS`, splash/auto optionally with splash block sizes
+        (``"splash:block_q=256,block_kv=512"``, see ``jsr.models.splash_config.SplashConfig``).
       chunk_size: queries per block for ``"chunked"`` (default: sized to a ~16 MB score block).
     Returns:
       [B, Lq, H, D] in q's dtype. Scores and softmax are float32 on every path.
@@ -138,7 +195,8 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"attention expects [B, L, H, D] inputs, got q{q.shape} k{k.shape} v{v.shape}")
     scale = 1.0 / math.sqrt(q.shape[-1])
-    which = resolve_implementation(impl, q.shape, k.shape, q.dtype)
+    which = resolve_implementation(impl, q.shape, k.shape, q.dtype, masked=mask is not None)
+    _log_choice(impl, which, mask is not None)
     if which == "xla":
         return _xla(q, k, v, mask, scale)
     if which == "chunked":
@@ -147,8 +205,10 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax
         m = None if mask is None else jnp.broadcast_to(mask, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
         return jax.nn.dot_product_attention(q, k, v, mask=m, scale=scale,
                                             implementation=None if which == "jax" else "cudnn")
-    raise ValueError("attention implementation 'splash' (Pallas, TPU) is not built yet in jsr; "
-                     "use 'auto' or 'xla' on TPU")
+    # Imported here: Pallas costs ~0.6 s to import, and only splash needs it.
+    from jsr.models import splash_attention
+
+    return splash_attention.splash_attention(q, k, v, scale=scale, config=splash_config.config_from_spec(impl))
 
 
 def attention_with_probs(q: jax.Array, k: jax.Array, v: jax.Array, *,

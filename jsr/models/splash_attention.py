@@ -1,0 +1,104 @@
+"""Pallas splash attention (TPU flash attention) behind jsr's attention dispatch.
+
+``jax.experimental.pallas.ops.tpu.splash_attention`` takes one example's [H, L, D] queries/keys/values, head dims
+that fill the 128-wide vector lanes, sequence lengths that its blocks divide, and applies no softmax scale
+(its kernel computes ``softmax(q k^T) v``). SD's attention has head dim 64, sequence lengths such as 77 (text
+tokens) or 64 (the 8x8 mid-block) and wants ``1/sqrt(d)``, so :func:`splash_attention` adapts them:
+
+- the scale is applied to ``q`` before the kernel, in q's dtype (as the ``xla`` path does);
+- q/k/v are zero-padded on the head dim to a multiple of 128 (zero columns change no dot product; the padded
+  output columns are sliced off);
+- both sequences are zero-padded to a multiple of their block size, and padded *keys* are masked out by a lazy
+  splash mask that is full except the last key columns: padded queries still see every real key (no empty softmax
+  row) and are sliced off;
+- the batch is a ``vmap`` of the multi-head kernel.
+
+Block sizes come from :class:`SplashConfig`, written in an attention spec string
+(``"splash:block_q=256,block_kv=512"``, e.g. ``--config.model.attention=splash:block_q=256``). Off TPU the kernel
+runs in Pallas interpret mode (the same kernel as a scan in XLA; slow, for tests and CPU checks).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental.pallas.ops.tpu import splash_attention as sa
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
+
+from jsr.models.splash_config import SplashConfig, SplashPlan, plan_blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyPaddingMask(mask_lib.Mask):
+    """A lazy [rows, cols] splash mask, True for the first ``valid`` keys of every query row.
+
+    The kernel's preprocessing reads it block by block (``mask[rows_slice, cols_slice]``): a dense array of
+    lq x lk booleans (16M at 4096 tokens) would only cost memory and hashing time.
+    """
+
+    rows: int
+    cols: int
+    valid: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.rows, self.cols)
+
+    def __getitem__(self, idx) -> np.ndarray:
+        i, j = (s.indices(n) for s, n in zip(idx, self.shape))
+        keys = np.arange(*j) < self.valid
+        return np.broadcast_to(keys, (len(range(*i)), keys.size)).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(heads: int, p: SplashPlan, fused_bwd: bool, interpret: bool):
+    """The multi-head splash kernel of one plan: [H, Lq_pad, D_pad] x 2 [H, Lk_pad, D_pad] -> [H, Lq_pad, D_pad]."""
+    bwd = dict(block_q_dkv=p.block_q_bwd, block_kv_dkv=p.block_kv_bwd, block_kv_dkv_compute=p.block_kv_bwd)
+    if not fused_bwd:
+        bwd.update(block_q_dq=p.block_q_bwd, block_kv_dq=p.block_kv_bwd)
+    sizes = sa.BlockSizes(block_q=p.block_q, block_kv=p.block_kv, block_kv_compute=p.block_kv_compute,
+                          use_fused_bwd_kernel=fused_bwd, **bwd)
+    one = (mask_lib.FullMask((p.lq_pad, p.lk_pad)) if p.lk == p.lk_pad
+           else KeyPaddingMask(p.lq_pad, p.lk_pad, p.lk))
+    mask = sa.MultiHeadMask(tuple(one for _ in range(heads)))
+    # The kernel holds its block tables as device arrays; built inside a jit trace they would be tracers of
+    # that trace, and this cache would leak them into the next one.
+    with jax.ensure_compile_time_eval():
+        return sa.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
+                     config: SplashConfig = SplashConfig()) -> jax.Array:
+    """``softmax(scale * q k^T) v`` with the Pallas splash kernel; no mask (padding is masked internally).
+
+    Args:
+      q: [B, Lq, H, D] queries.
+      k, v: [B, Lk, H, D] keys and values (Lk may differ from Lq: cross-attention).
+      scale: softmax scale (default ``1/sqrt(D)``).
+      config: block sizes and interpret mode.
+    Returns:
+      [B, Lq, H, D] in q's dtype. Scores, softmax and the value sum are float32 inside the kernel.
+    """
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    if k.shape != (b, lk, h, d) or v.shape != k.shape:
+        raise ValueError(f"splash attention expects q [B, Lq, H, D] and k, v [B, Lk, H, D] with the same B, H, D; "
+                         f"got q{q.shape} k{k.shape} v{v.shape}")
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    p = plan_blocks(config, lq, lk, d)
+    interpret = jax.default_backend() != "tpu" if config.interpret is None else config.interpret
+    kernel = _kernel(h, p, config.fused_bwd, interpret)
+
+    def heads_major(x, length, length_pad):
+        # [B, L, H, D] -> [B, H, L_pad, D_pad]; zero padding (see the module docstring for why it is exact).
+        x = jnp.swapaxes(x, 1, 2)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, length_pad - length), (0, p.d_pad - d)))
+
+    qp = heads_major(q * jnp.asarray(scale, q.dtype), lq, p.lq_pad)
+    out = jax.vmap(kernel)(qp, heads_major(k, lk, p.lk_pad), heads_major(v, lk, p.lk_pad))
+    return jnp.swapaxes(out[:, :, :lq, :d], 1, 2)
