@@ -80,6 +80,13 @@ def test_auto_on_gpu_takes_cudnn_only_for_head_dims_it_supports(monkeypatch):
 def test_auto_on_tpu_takes_splash_for_long_unmasked_attention(monkeypatch):
     monkeypatch.setattr(attention.jax, "default_backend", lambda: "tpu")
     r = attention.resolve_implementation
+    # Several devices (the 8 test CPUs) and no mesh set: the program might span them, and XLA cannot partition
+    # a Pallas kernel, so auto stays on XLA; with the mesh set, splash runs per shard.
+    assert jax.device_count() > 1 and r("auto", (1, 4096, 5, 64), (1, 4096, 5, 64), jnp.bfloat16) == "xla"
+    mesh = jax.sharding.AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    with jax.sharding.use_abstract_mesh(mesh):
+        assert r("auto", (8, 4096, 5, 64), (8, 4096, 5, 64), jnp.bfloat16) == "splash"
+    monkeypatch.setattr(attention.jax, "device_count", lambda: 1)
     assert r("auto", (1, 4096, 5, 64), (1, 4096, 5, 64), jnp.bfloat16) == "splash"  # UNet self-attention
     assert r("auto:block_q=256", (1, 1024, 5, 64), (1, 1024, 5, 64), jnp.float32) == "splash"
     assert r("auto", (1, 4096, 5, 64), (1, 77, 5, 64), jnp.bfloat16) == "xla"  # text cross-attention: short

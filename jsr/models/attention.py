@@ -11,14 +11,16 @@ implementation is a config string so the same weights run on CPU, GPU and TPU:
                XLA:CPU. ``auto`` uses it on CPU for long sequences.
 ``"splash"``   Pallas splash attention (``jsr.models.splash_attention``): the TPU flash kernel, head dims padded to
                128, sequences padded to its blocks. Block sizes ride in the name: ``"splash:block_q=256,block_kv=512"``
-               (``SplashConfig``'s fields; e.g. ``--config.model.attention=splash:block_q=256``). Off TPU it runs in
-               Pallas interpret mode (slow; for tests). It takes no mask: a masked call (CLIP's causal text encoder)
-               runs what ``auto`` would pick without splash.
+               (``SplashConfig``'s fields; e.g. ``--config.model.attention=splash:block_q=256``). Under a mesh
+               set with ``jax.set_mesh`` it runs per shard (``shard_map``; XLA cannot partition a Pallas kernel, so a
+               multi-device program without one fails to compile on TPU). Off TPU it runs in Pallas interpret mode
+               (slow; for tests). It takes no mask: a masked call (CLIP's causal text encoder) runs what ``auto``
+               would pick without splash.
 ``"auto"``     picks per call from the backend, sequence lengths and an attention-memory budget:
                sequences of at most ``SHORT_SEQUENCE`` tokens (the 77-token text cross-attention, CLIP) -> ``xla``;
-               TPU -> ``splash`` (unmasked, head dim <= ``SPLASH_MAX_HEAD_DIM``; ``"auto:block_q=..."`` passes
-               splash its blocks); GPU -> ``cudnn`` for bf16/f16 with head dim <= 128 and % 8; else ``chunked``
-               on CPU or beyond ``AUTO_CHUNK_BYTES`` of scores, ``xla`` otherwise.
+               TPU -> ``splash`` when unmasked, head dim <= ``SPLASH_MAX_HEAD_DIM`` and one device or a mesh set
+               (``"auto:block_q=..."`` passes splash its blocks); GPU -> ``cudnn`` for bf16/f16 with head dim
+               <= 128 and % 8; else ``chunked`` on CPU or beyond ``AUTO_CHUNK_BYTES`` of scores, ``xla`` otherwise.
 
 Each distinct choice (requested name -> implementation, backend) is logged once (absl ``INFO``).
 """
@@ -156,7 +158,7 @@ def resolve_implementation(impl: str, q_shape, k_shape, dtype, *, masked: bool =
     if lk <= SHORT_SEQUENCE or lq <= SHORT_SEQUENCE:
         return "xla"
     backend = jax.default_backend()
-    if backend == "tpu" and not masked and d <= SPLASH_MAX_HEAD_DIM:
+    if backend == "tpu" and not masked and d <= SPLASH_MAX_HEAD_DIM and _splash_can_partition():
         return "splash"
     if (backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
             and d <= CUDNN_MAX_HEAD_DIM and d % 8 == 0):
@@ -166,6 +168,14 @@ def resolve_implementation(impl: str, q_shape, k_shape, dtype, *, masked: bool =
     if backend == "cpu" or b * h * lq * lk * 4 > AUTO_CHUNK_BYTES:
         return "chunked"
     return "xla"
+
+
+def _splash_can_partition() -> bool:
+    # XLA cannot partition a Mosaic kernel: in a program over several devices splash must run under shard_map,
+    # which needs the mesh at trace time (``jax.set_mesh``). Whether a program spans several devices is not
+    # known while tracing, so with several devices and no mesh set ``auto`` stays on XLA rather than risk
+    # "Mosaic kernels cannot be automatically partitioned" at compile time.
+    return jax.device_count() == 1 or not jax.sharding.get_abstract_mesh().empty
 
 
 def _log_choice(impl: str, which: str, masked: bool) -> None:

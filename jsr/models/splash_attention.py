@@ -11,7 +11,9 @@ tokens) or 64 (the 8x8 mid-block) and wants ``1/sqrt(d)``, so :func:`splash_atte
 - both sequences are zero-padded to a multiple of their block size, and padded *keys* are masked out by a lazy
   splash mask that is full except the last key columns: padded queries still see every real key (no empty softmax
   row) and are sliced off;
-- the batch is a ``vmap`` of the multi-head kernel.
+- the batch is a ``vmap`` of the multi-head kernel;
+- under a mesh (``jax.set_mesh``) it runs per shard in ``shard_map``: XLA cannot partition a Mosaic kernel
+  (without it a multi-device TPU program fails to lower: "Mosaic kernels cannot be automatically partitioned").
 
 Block sizes come from :class:`SplashConfig`, written in an attention spec string
 (``"splash:block_q=256,block_kv=512"``, e.g. ``--config.model.attention=splash:block_q=256``). Off TPU the kernel
@@ -72,15 +74,35 @@ def _kernel(heads: int, p: SplashPlan, fused_bwd: bool, interpret: bool):
         return sa.make_splash_mha_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
+def _mesh_axes(mesh, b: int, h: int, batch_axes: tuple[str, ...], head_axis: str | None):
+    """The mesh axes that split the batch (those of ``batch_axes`` in the mesh whose product divides ``b``) and
+    the heads (``head_axis`` if it divides ``h``); the other mesh axes compute the same shard redundantly."""
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    batch, ways = [], 1
+    for axis in batch_axes:
+        if sizes.get(axis, 1) > 1 and b % (ways * sizes[axis]) == 0:
+            batch.append(axis)
+            ways *= sizes[axis]
+    head = head_axis if head_axis and sizes.get(head_axis, 1) > 1 and h % sizes[head_axis] == 0 else None
+    return tuple(batch), head
+
+
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
-                     config: SplashConfig = SplashConfig()) -> jax.Array:
+                     config: SplashConfig = SplashConfig(), batch_axes: tuple[str, ...] = ("data", "fsdp"),
+                     head_axis: str | None = "tensor") -> jax.Array:
     """``softmax(scale * q k^T) v`` with the Pallas splash kernel; no mask (padding is masked internally).
+
+    A Mosaic kernel cannot be partitioned by XLA: in a program over several devices it must run per shard. When
+    a mesh is set (``jax.set_mesh``, as a multi-device train step traces), the kernel runs under ``shard_map``
+    over it, the batch split over ``batch_axes`` and the heads over ``head_axis`` (the axes of
+    ``jsr.train.sharding``; an axis that is absent or does not divide the dimension is not used).
 
     Args:
       q: [B, Lq, H, D] queries.
       k, v: [B, Lk, H, D] keys and values (Lk may differ from Lq: cross-attention).
       scale: softmax scale (default ``1/sqrt(D)``).
       config: block sizes and interpret mode.
+      batch_axes, head_axis: mesh axes for the batch and head dimensions under a mesh.
     Returns:
       [B, Lq, H, D] in q's dtype. Scores, softmax and the value sum are float32 inside the kernel.
     """
@@ -90,15 +112,25 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float |
         raise ValueError(f"splash attention expects q [B, Lq, H, D] and k, v [B, Lk, H, D] with the same B, H, D; "
                          f"got q{q.shape} k{k.shape} v{v.shape}")
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    p = plan_blocks(config, lq, lk, d)
     interpret = jax.default_backend() != "tpu" if config.interpret is None else config.interpret
-    kernel = _kernel(h, p, config.fused_bwd, interpret)
+    p = plan_blocks(config, lq, lk, d)
 
-    def heads_major(x, length, length_pad):
+    def per_shard(q, k, v):
         # [B, L, H, D] -> [B, H, L_pad, D_pad]; zero padding (see the module docstring for why it is exact).
-        x = jnp.swapaxes(x, 1, 2)
-        return jnp.pad(x, ((0, 0), (0, 0), (0, length_pad - length), (0, p.d_pad - d)))
+        def heads_major(x, length, length_pad):
+            x = jnp.swapaxes(x, 1, 2)
+            return jnp.pad(x, ((0, 0), (0, 0), (0, length_pad - length), (0, p.d_pad - d)))
 
-    qp = heads_major(q * jnp.asarray(scale, q.dtype), lq, p.lq_pad)
-    out = jax.vmap(kernel)(qp, heads_major(k, lk, p.lk_pad), heads_major(v, lk, p.lk_pad))
-    return jnp.swapaxes(out[:, :, :lq, :d], 1, 2)
+        kernel = _kernel(q.shape[2], p, config.fused_bwd, interpret)
+        qp = heads_major(q * jnp.asarray(scale, q.dtype), lq, p.lq_pad)
+        out = jax.vmap(kernel)(qp, heads_major(k, lk, p.lk_pad), heads_major(v, lk, p.lk_pad))
+        return jnp.swapaxes(out[:, :, :lq, :d], 1, 2)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return per_shard(q, k, v)
+    batch, head = _mesh_axes(mesh, b, h, batch_axes, head_axis)
+    spec = jax.sharding.PartitionSpec(batch or None, None, head, None)
+    # check_vma=False: the splash kernel declares no per-axis variance on its outputs, which the check requires.
+    return jax.shard_map(per_shard, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec,
+                         check_vma=False)(q, k, v)
