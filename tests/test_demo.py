@@ -7,6 +7,7 @@ needs Debian's ``chromium`` and ``chromium-driver`` and Selenium, and skips, say
 ``JSR_DEMO_SCREENSHOT=docs/demo.png`` makes the browser test also write the README's screenshot there.
 """
 import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,11 @@ def test_cli_flags_and_errors(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "nowhere" in err[0]
     assert cli.main(["--t", "3"]) == 2
     assert "t must be in [0, 1]" in capsys.readouterr().err
+    with socket.socket() as busy:  # a taken port is refused before the model loads
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        assert cli.main(["--port", str(busy.getsockname()[1])]) == 2
+    assert "cannot listen on 127.0.0.1:" in capsys.readouterr().err
 
 
 def _browser():

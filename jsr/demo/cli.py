@@ -91,12 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _free_port(host: str) -> int:
+def _bind(host: str, port: int) -> int:
+    """Check that ``host:port`` can be listened on (port 0: pick a free one) and return the port, before the model
+    loads (minutes for a real model) rather than after. Raises DemoSetupError naming the address."""
     import socket
 
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family) as s:
+            s.bind((host, port))
+            return s.getsockname()[1]
+    except OSError as e:
+        raise DemoSetupError(f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port "
+                             "(0: a free one) or --host") from None
 
 
 @dataclasses.dataclass
@@ -133,6 +140,7 @@ def start(argv: Sequence[str] | None = None) -> Served:
             raise ValueError("--max_pixels must be positive, --warmup >= 0 and --port in [0, 65535]")
     except ValueError as e:
         raise DemoSetupError(str(e)) from None
+    port = _bind(args.host, args.port)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
     try:
         import gradio  # noqa: F401 - checked first: the model load takes a while
@@ -159,7 +167,6 @@ def start(argv: Sequence[str] | None = None) -> Served:
         notice(f"warming up: restoring a {args.warmup}x{args.warmup} image twice (compile, then measure)...")
         notice(f"warm: {engine.warm_up(args.warmup, args.upscale).summary}")
     app = build_app(engine, samples=samples, upscale=args.upscale)
-    port = args.port or _free_port(args.host)
     app.queue(default_concurrency_limit=1)
     _, _, share_url = app.launch(server_name=args.host, server_port=port, share=args.share, inbrowser=False,
                                  prevent_thread_lock=True, quiet=True, allowed_paths=[str(workdir)],
