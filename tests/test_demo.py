@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-gradio_client = pytest.importorskip("gradio_client", reason="the demo extra is not installed (pip install -e '.[demo]')")
-pytest.importorskip("gradio", reason="the demo extra is not installed (pip install -e '.[demo]')")
+NO_EXTRA = "the demo extra is not installed (pip install -e '.[demo]')"
+gradio_client = pytest.importorskip("gradio_client", reason=NO_EXTRA)
+pytest.importorskip("gradio", reason=NO_EXTRA)
 from gradio_client import handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 

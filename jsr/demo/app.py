@@ -5,7 +5,8 @@ its schema (:mod:`jsr.demo.controls`; knobs that recompile in a closed section);
 Restore. On the right a before/after slider (the bicubic-upscaled input against the result), the restore time and
 the full-size PNG to download; below, a knob sweep rendering a strip of results over one knob's range.
 
-Releasing a knob's slider restores again when an input is there (the last release wins: requests do not pile up).
+Releasing a knob's slider restores again when an input is there (the last release wins: requests do not pile up);
+a knob that recompiles waits for Restore.
 Every error a person can cause is a message in the page (``gr.Error``), never a traceback.
 
 API (also what ``gradio_client`` calls; parameters by name, knobs by their own names):
@@ -95,7 +96,6 @@ def build_app(engine: DemoEngine, *, samples: Sequence[str | Path] = (), upscale
               title: str = "") -> gr.Blocks:
     """The demo page for ``engine`` (not launched). ``samples``: image files offered as examples."""
     r = engine.restorer
-    knob_names = [c.name for c in engine.controls]
     sweepable = [c.name for c in engine.controls if c.sweepable]
     title = title or f"jsr — {r.label or r.method} one-step super-resolution"
 
@@ -187,14 +187,14 @@ def build_app(engine: DemoEngine, *, samples: Sequence[str | Path] = (), upscale
         outputs = [compare, status, download]
         common = dict(concurrency_id=CONCURRENCY_ID, concurrency_limit=1)
         go.click(_signed(run_restore, names), inputs, outputs, api_name="restore", **common)
+        live = _signed(run_live, names)
         for c, w in zip(ordered, widgets):
-            if isinstance(w, gr.Slider):
-                w.release(_signed(run_live, names), inputs, outputs, api_visibility="private",
-                          trigger_mode="always_last", show_progress="minimal", **common)
+            if isinstance(w, gr.Slider) and not c.recompiles:  # a recompiling knob waits for Restore
+                w.release(live, inputs, outputs, api_visibility="private", trigger_mode="always_last",
+                          show_progress="minimal", **common)
         s_go.click(_signed(run_sweep, ["image", "upscale", "color_fix", "sweep_knob", "sweep_count"] + names[3:]),
                    [image, up, fix, s_knob, s_count] + widgets, [strip, status], api_name="sweep", **common)
         est = _signed(run_estimate, ["image", "upscale"])
         image.change(est, [image, up], estimate, api_name="estimate")
         up.change(est, [image, up], estimate, api_visibility="private")
-    app.jsr_knob_names = knob_names  # what /restore's knob parameters are, for callers in this process
     return app

@@ -202,8 +202,8 @@ class DemoEngine:
     def estimate(self, path: str | Path, upscale: Any, name: str | None = None,
                  opts: RestoreOptions | None = None) -> str:
         """Markdown for the page, before any work: input and output sizes, how the restorer will tile the image
-        (:meth:`jsr.sr.infer.Restorer.plan_input`), host memory, and the time estimated from the fastest measured
-        restore (per output pixel), with a note when this size has to compile first.
+        (:meth:`jsr.sr.infer.Restorer.plan_input`), host memory, and the time scaled by output pixels from the largest
+        measured restore (compile time left out), with a note when this size has to compile first.
 
         Raises DemoInputError as :meth:`output_size` does (not an image, over the size limit)."""
         opts = opts or self.options
@@ -211,7 +211,7 @@ class DemoEngine:
         plan = self.restorer.plan_input((1, H, W, 3), opts)
         lines = [f"**{name or Path(path).name}**: {w}x{h} → **{W}x{H}** output ({_mp(H * W)}; the limit is "
                  f"{_mp(self.max_pixels)})"]
-        tiled = plan.encode != "whole" or plan.steps > 3
+        tiled = plan.encode != "whole" or plan.steps > 3  # an untiled plan: encode, one latent step, decode
         if tiled:
             lines.append(f"Tiled: UNet in latent tiles of {opts.latent_tile} ({opts.latent_tile * 8} px, overlap "
                          f"{opts.latent_overlap}), VAE in tiles of {opts.vae_tile} px (overlap {opts.vae_overlap}): "
