@@ -265,6 +265,32 @@ def test_discovered_lpips_weights_are_the_ones_loaded(home, tmp_path, monkeypatc
     assert float(suite.lpips["lin3"]["kernel"].reshape(-1)[0]) == pytest.approx(0.04)
 
 
+def test_the_training_lpips_loss_finds_its_weights_too(home, tmp_path, monkeypatch):
+    """``loss.lpips > 0`` on a real base without lpips_vgg/lpips_heads: the training loss loads the files found in
+    the caches (the same as evaluate.py), says where it looked when they are missing, and a given path still wins."""
+    import types
+
+    import jax
+    import ml_collections
+
+    from jsr.methods import common
+
+    real_base = types.SimpleNamespace(random_weights=False)
+    cfg = ml_collections.ConfigDict({"loss": {"lpips": 2.0, "lpips_vgg": "", "lpips_heads": ""}})
+    with pytest.raises(ValueError, match="vgg16-397923af.pth not found.*python -m jsr.metrics files"):
+        common.lpips_params(cfg, real_base, jax.random.key(0))
+    _torch_save(_hub(home) / "checkpoints" / "vgg16-397923af.pth", _vgg16())
+    _torch_save(_package(tmp_path / "site", "lpips", monkeypatch) / "weights" / "v0.1" / "vgg.pth", _heads())
+    found = common.lpips_params(cfg, real_base, jax.random.key(0))
+    assert float(found["net"]["features_28"]["bias"][0]) == pytest.approx(-0.028)
+    assert float(found["lin3"]["kernel"].reshape(-1)[0]) == pytest.approx(0.04)
+    given = tmp_path / "mine" / "vgg.pth"
+    _torch_save(given, {k: v * 2 for k, v in _heads().items()})
+    cfg.loss.lpips_vgg, cfg.loss.lpips_heads = str(_hub(home) / "checkpoints" / "vgg16-397923af.pth"), str(given)
+    mine = common.lpips_params(cfg, real_base, jax.random.key(0))
+    assert float(mine["lin3"]["kernel"].reshape(-1)[0]) == pytest.approx(0.08)
+
+
 def test_cli_as_a_module(home):
     env = dict(os.environ, HOME=str(home))
     r = subprocess.run([sys.executable, "-m", "jsr.metrics", "files", "--json"], cwd=ROOT, env=env,

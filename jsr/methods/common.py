@@ -113,17 +113,27 @@ def base_frozen(config: Any, base: Any, rng: jax.Array, *, lpips: bool = True) -
 
 
 def lpips_params(config: Any, base: Any, rng: jax.Array) -> Any:
-    """LPIPS-VGG weights from ``config.loss.lpips_vgg``/``lpips_heads``; a random trunk on random bases only."""
+    """LPIPS-VGG weights for the training loss: ``config.loss.lpips_vgg``/``lpips_heads`` when given, else the
+    files where PyTorch keeps them (torch hub's ``vgg16-397923af.pth``, the ``lpips`` package's ``vgg.pth``:
+    :mod:`jsr.metrics.files`, as evaluate.py finds them); a random trunk on random bases only."""
+    from jsr.metrics import files
     from jsr.metrics.lpips import LPIPS, load_lpips_params
     from jsr.models.common import init_params
 
     paths = [p for p in (config.loss.lpips_vgg, config.loss.lpips_heads) if p]
     if paths:
         return load_lpips_params(*paths)
-    if config.loss.lpips and not base.random_weights:
-        raise ValueError("loss.lpips > 0 needs LPIPS weights: set loss.lpips_vgg=<vgg16-397923af.pth> and "
-                         "loss.lpips_heads=<lpips weights/v0.1/vgg.pth> (or loss.lpips=0)")
-    return init_params(LPIPS(), rng)  # random trunk: random-base runs only
+    if not config.loss.lpips:
+        return init_params(LPIPS(), rng)  # unused by the loss: shapes only matter
+    if base.random_weights:
+        return init_params(LPIPS(), rng)  # random trunk: random-base runs (the tiny model) never look for files
+    found = files.discover("lpips")
+    if found is None:
+        raise ValueError("loss.lpips > 0 needs LPIPS weights: " + files.why_missing("lpips", how=True) +
+                         "; or set loss.lpips_vgg=<vgg16-397923af.pth> and loss.lpips_heads=<lpips "
+                         "weights/v0.1/vgg.pth> (or loss.lpips=0); python -m jsr.metrics files lists where jsr looked")
+    logging.info("LPIPS loss weights found: %s", ", ".join(str(p) for p in found))
+    return load_lpips_params(*(str(p) for p in found))
 
 
 def random_lora(rng: jax.Array, params: Any, spec: L.LoRASpec, std: float = 0.02) -> L.LoRA:
@@ -131,7 +141,13 @@ def random_lora(rng: jax.Array, params: Any, spec: L.LoRASpec, std: float = 0.02
     lo = L.init(rng, params, spec)
     leaves, tree = jax.tree.flatten(lo.factors)
     keys = jax.random.split(jax.random.fold_in(rng, 1), len(leaves))
-    leaves = [x if x.any() else std * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+
+    def fill(x, k):
+        if isinstance(x, jax.core.Tracer):  # traced (eval_shape of a setup): the same choice, inside the program
+            return jnp.where(jnp.any(x != 0), x, std * jax.random.normal(k, x.shape, x.dtype))
+        return x if x.any() else std * jax.random.normal(k, x.shape, x.dtype)
+
+    leaves = [fill(x, k) for x, k in zip(leaves, keys)]
     return dataclasses.replace(lo, factors=jax.tree.unflatten(tree, leaves))
 
 
