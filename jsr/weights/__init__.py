@@ -15,6 +15,7 @@ _EXPORTS = {
     "load_vae": "jsr.weights.vae", "save_vae": "jsr.weights.vae",
     "load_text_encoder": "jsr.weights.clip_text", "save_text_encoder": "jsr.weights.clip_text",
     "load_clip_vision": "jsr.weights.clip_vision", "save_clip_vision": "jsr.weights.clip_vision",
+    "load_vit": "jsr.weights.vit", "save_vit": "jsr.weights.vit",
     "load_peft_lora": "jsr.weights.peft", "save_peft_lora": "jsr.weights.peft",
     "CheckpointMismatchError": "jsr.weights.convert",
 }
