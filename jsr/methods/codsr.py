@@ -26,9 +26,10 @@ stage       trainable groups                                              loss p
 ==========  ============================================================  ======================================
 
 One ``gen`` group because the release trains LoRAs and SFT with one AdamW (one gradient clipping over all of them).
-The discriminator (``jsr.models.vision_disc``) reads several layers of a frozen CLIP vision encoder
-(``codsr.disc_backbone``: a transformers folder; random stand-in on random bases) through small conv heads; its
-own AdamW is the second update of the step (on the generator's stopped output, carried from the first). Loss kind
+The discriminator (``jsr.models.vision_disc``) reads several layers of a frozen ViT (``codsr.disc_backbone``: a
+transformers CLIP vision folder or a ``vit`` one such as DINO's, told apart by its ``config.json``; a random CLIP
+stand-in on random bases) through small conv heads; its own AdamW is the second update of the step (on the
+generator's stopped output, carried from the first). Loss kind
 ``codsr.gan_loss``: ``hinge`` (default) or ``nonsat`` (the release's ``multilevel_sigmoid_s``); the release
 weighs both the generator's and the discriminator's loss by 0.2, and so does this.
 
@@ -131,27 +132,60 @@ def inference_noise(seed: jax.Array | int, shape: tuple[int, ...]) -> jax.Array:
     return jnp.broadcast_to(n, tuple(shape))
 
 
-def _backbone(cc: Any, base: Any, rng: jax.Array, dtype: Any):
-    """``(module, params, layers)`` of the discriminator's frozen CLIP vision tower."""
-    from jsr.models.clip_vision import CLIPVisionConfig, CLIPVisionModel
-    from jsr.models.common import init_params
-    from jsr.models.vision_disc import default_layers
+CLIP_TYPES = ("clip_vision_model", "clip")
+VIT_TYPES = ("vit", "dinov2", "dinov2_with_registers")  # DINOv2 reaches the ViT config, which says it is unsupported
 
-    if cc.disc_backbone:
+
+def load_disc_backbone(folder: str, dtype: Any):
+    """``(module, params, normalization)`` of the discriminator's backbone from a transformers folder, by its
+    ``config.json``'s ``model_type``: a CLIP vision tower (``clip_vision_model`` / ``clip``) or a ViT (``vit``,
+    e.g. DINO ``facebook/dino-vitb16``). ``normalization`` is the (mean, std) of [0, 1] pixels from the folder's
+    ``preprocessor_config.json``, else the family's (CLIP's, ImageNet's).
+
+    Raises:
+      ValueError for another model type (one line naming it and what is accepted).
+    """
+    from jsr.models.vision_disc import default_normalization
+    from jsr.weights import io
+    from jsr.weights.preprocessor import read_normalization
+
+    model_type = io.read_config(folder).get("model_type")
+    if model_type in CLIP_TYPES:
         from jsr.weights import load_clip_vision
 
-        logging.info("discriminator backbone from %s", cc.disc_backbone)
-        module, params = load_clip_vision(cc.disc_backbone, dtype=dtype)
+        module, params = load_clip_vision(folder, dtype=dtype)
+    elif model_type in VIT_TYPES:
+        from jsr.weights.vit import load_vit
+
+        module, params = load_vit(folder, dtype=dtype)
+    else:
+        raise ValueError(f"codsr.disc_backbone={folder}: model_type={model_type!r}; the discriminator takes a "
+                         f"transformers CLIP vision folder (model_type {' / '.join(CLIP_TYPES)}, e.g. "
+                         "clip-vit-base-patch16) or a ViT folder (model_type 'vit', e.g. facebook/dino-vitb16)")
+    norm, source = read_normalization(folder, default_normalization(module))
+    logging.info("discriminator backbone: %s (%s), pixel mean/std from %s", folder, type(module).__name__, source)
+    return module, params, norm
+
+
+def _backbone(cc: Any, base: Any, rng: jax.Array, dtype: Any):
+    """``(module, params, layers, normalization)`` of the discriminator's frozen ViT (CLIP vision or DINO)."""
+    from jsr.models.clip_vision import CLIPVisionConfig, CLIPVisionModel
+    from jsr.models.common import init_params
+    from jsr.models.vision_disc import default_layers, default_normalization
+
+    if cc.disc_backbone:
+        module, params, norm = load_disc_backbone(cc.disc_backbone, dtype)
     elif base.random_weights:
         logging.warning("codsr.disc_backbone is empty: a random CLIP vision stand-in (random base only)")
         module = CLIPVisionModel(CLIPVisionConfig(**STANDIN_BACKBONE), dtype=dtype)
         params = init_params(module, rng)
+        norm = default_normalization(module)
     else:
         raise ValueError("codsr.disc_backbone is empty: the GAN stage needs a pretrained ViT for its "
-                         "discriminator (a transformers CLIP vision folder, e.g. clip-vit-base-patch16), or set "
-                         "codsr.gan_weight=0")
+                         "discriminator (a transformers CLIP vision folder, e.g. clip-vit-base-patch16, or a DINO "
+                         "ViT folder, e.g. facebook/dino-vitb16), or set codsr.gan_weight=0")
     layers = tuple(int(i) for i in cc.disc_layers) or default_layers(module.config.num_hidden_layers)
-    return module, params, layers
+    return module, params, layers, norm
 
 
 def release_trees(obj: Mapping[str, Any], file: str | Path, base: Any) -> dict[str, Any]:
@@ -291,13 +325,14 @@ class CODSR(Method):
         if use_gan:
             from jsr.models.common import logical_axes
 
-            backbone, bparams, layers = _backbone(cc, base, k_b, jnp.dtype(config.model.dtype))
+            backbone, bparams, layers, norm = _backbone(cc, base, k_b, jnp.dtype(config.model.dtype))
             frozen["disc_backbone"] = bparams
             # The frozen ViT is sharded like the base (fsdp/tensor rules); the heads, trainable, are replicated
             # with every other trainable tree.
             frozen_axes["disc_backbone"] = logical_axes(backbone)
             params["disc"] = {"heads": init_heads_params(k_h, backbone.config, layers, int(cc.disc_hidden))}
-            disc = functools.partial(discriminator_logits, backbone, layers=layers, hidden=int(cc.disc_hidden))
+            disc = functools.partial(discriminator_logits, backbone, layers=layers, hidden=int(cc.disc_hidden),
+                                     normalization=norm)
 
         def gen_loss(params, frozen_, batch, rng_, carry, adversarial: bool):
             k_enc, k_t, k_n = jax.random.split(rng_, 3)

@@ -1,9 +1,9 @@
 """A vision-aided discriminator: small trainable heads on the tokens of several layers of a *frozen* pretrained
-ViT (the CLIP vision encoder of :mod:`jsr.models.clip_vision`), as CODSR's GAN stage uses (Kumari et al.'s
-vision-aided GAN; the release takes ``vision_aided_loss.Discriminator(cv_type="dino",
-output_type="conv_multi_level")``).
+ViT, as CODSR's GAN stage uses (Kumari et al.'s vision-aided GAN; the release takes
+``vision_aided_loss.Discriminator(cv_type="dino", output_type="conv_multi_level")``). Two backbones: the CLIP vision
+encoder of :mod:`jsr.models.clip_vision` or a plain ViT (:mod:`jsr.models.vit`: DINO v1, what the release uses).
 
-    backbone tokens  = CLIP-ViT(preprocess(x)) hidden states of layers L_1..L_n      [B, 1 + g^2, D] each
+    backbone tokens  = ViT(preprocess(x)) hidden states of layers L_1..L_n             [B, 1 + g^2, D] each
     head_i           = LayerNorm -> the g x g patch-token grid -> 1x1 conv D -> hidden -> LeakyReLU(0.2)
                        -> 3x3 conv hidden -> 1                                          [B, g, g] logits
     D(x)             = (head_1, ..., head_n)                   one logit per patch and level (real > 0)
@@ -11,10 +11,13 @@ output_type="conv_multi_level")``).
 The backbone never trains: only the heads are parameters of the discriminator (their own tree, their own
 optimizer). Gradients still flow through the frozen backbone into the image, so the generator is trained by them.
 Our heads are our own design with the same role as vision-aided GAN's multi-level conv heads (their weights are
-never imported: the release ships only the generator).
+never imported: the release ships only the generator). Both backbones' hidden states are the blocks' outputs
+before any final norm (CLIP has none; the ViT's ``layernorm`` only enters ``last_hidden_state``).
 
 Preprocessing (:func:`backbone_pixels`): images in [-1, 1] -> [0, 1] -> bilinear resize (antialiased) to the
-backbone's square input -> CLIP's mean/std normalisation. Differentiable.
+backbone's square input -> ``(x - mean) / std`` with the backbone's statistics (:func:`default_normalization`:
+CLIP's for CLIP, ImageNet's for a ViT; a folder's ``preprocessor_config.json`` overrides them, read by
+``jsr.weights.preprocessor``). Differentiable.
 """
 
 from __future__ import annotations
@@ -26,10 +29,16 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jsr.models.clip_vision import CLIPVisionConfig, CLIPVisionModel, clip_normalize
+from jsr.models.clip_vision import CLIP_MEAN, CLIP_STD, CLIPVisionConfig, CLIPVisionModel
 from jsr.models.layers import Conv, LayerNorm
+from jsr.models.vit import IMAGENET_MEAN, IMAGENET_STD, ViTConfig, ViTModel
 
 Dtype = Any
+# Either frozen backbone: both take NHWC pixels and return ``hidden_states`` (embeddings, then every block).
+Backbone = CLIPVisionModel | ViTModel
+BackboneConfig = CLIPVisionConfig | ViTConfig
+# Per-channel (mean, std) of [0, 1] RGB pixels.
+Normalization = tuple[tuple[float, ...], tuple[float, ...]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,27 +98,42 @@ class MultiLevelHeads(nn.Module):
         return tuple(out)
 
 
-def backbone_pixels(x: jax.Array, image_size: int) -> jax.Array:
-    """Images [B, H, W, 3] in [-1, 1] -> CLIP-normalised [B, S, S, 3] float32 (bilinear, antialiased; the
-    aspect ratio is not kept: discriminator inputs are square crops)."""
+def default_normalization(backbone: Backbone) -> Normalization:
+    """The statistics a backbone family was trained with: CLIP's mean/std for :class:`CLIPVisionModel`,
+    ImageNet's (DINO's) for :class:`ViTModel`."""
+    if isinstance(backbone, CLIPVisionModel):
+        return CLIP_MEAN, CLIP_STD
+    if isinstance(backbone, ViTModel):
+        return IMAGENET_MEAN, IMAGENET_STD
+    raise TypeError(f"discriminator backbone: {type(backbone).__name__} is neither CLIPVisionModel nor ViTModel")
+
+
+def backbone_pixels(x: jax.Array, image_size: int, normalization: Normalization = (CLIP_MEAN, CLIP_STD)
+                    ) -> jax.Array:
+    """Images [B, H, W, 3] in [-1, 1] -> normalised [B, S, S, 3] float32, ``(x01 - mean) / std`` (bilinear,
+    antialiased; the aspect ratio is not kept: discriminator inputs are square crops)."""
     x = jnp.clip(x.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0)
     if x.shape[1:3] != (image_size, image_size):
         x = jax.image.resize(x, (x.shape[0], image_size, image_size, x.shape[3]), "bilinear", antialias=True)
-    return clip_normalize(x)
+    mean, std = normalization
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
-def discriminator_logits(backbone: CLIPVisionModel, backbone_params: Any, heads_params: Mapping, x: jax.Array,
-                         layers: Sequence[int], hidden: int) -> tuple[jax.Array, ...]:
+def discriminator_logits(backbone: Backbone, backbone_params: Any, heads_params: Mapping, x: jax.Array,
+                         layers: Sequence[int], hidden: int, normalization: Normalization | None = None
+                         ) -> tuple[jax.Array, ...]:
     """``D(x)``: per-level patch logits ([B, g, g] float32 each) of images ``x`` [B, H, W, 3] in [-1, 1], the
-    heads reading the backbone's ``hidden_states[l]`` for ``l`` in ``layers``."""
+    heads reading the backbone's ``hidden_states[l]`` for ``l`` in ``layers``; ``normalization`` (mean, std) of
+    the backbone's input, default :func:`default_normalization`."""
     cfg = backbone.config
-    out = backbone.apply({"params": backbone_params}, backbone_pixels(x, cfg.image_size), output_hidden_states=True)
+    pixels = backbone_pixels(x, cfg.image_size, normalization or default_normalization(backbone))
+    out = backbone.apply({"params": backbone_params}, pixels, output_hidden_states=True)
     states = tuple(out.hidden_states[i] for i in layers)
     heads = MultiLevelHeads(HeadsConfig(cfg.hidden_size, cfg.grid_size, len(layers), hidden))
     return heads.apply({"params": heads_params}, states)
 
 
-def init_heads_params(rng: jax.Array, backbone_config: CLIPVisionConfig, layers: Sequence[int],
+def init_heads_params(rng: jax.Array, backbone_config: BackboneConfig, layers: Sequence[int],
                       hidden: int = 256) -> dict:
     """Fresh head parameters (plain float32 arrays) for a backbone of ``backbone_config`` read at ``layers``."""
     for i in layers:
