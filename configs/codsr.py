@@ -6,7 +6,7 @@ Release runs (``train_stage1.sh``, ``train_stage2_offline.sh``): lr 5e-5, AdamW,
 accumulated, 4,000 steps, L2 1 / LPIPS 2 / VSD 2 (CFG 7.5, t in [20, 980)) / area 0.5 / pixel BCE 0.025, captions
 (and their masks) dropped for 20 % of the images.
 
-Stage 1 needs ``--config.codsr.disc_backbone=<transformers CLIP vision folder>`` for its GAN (or
+Stage 1 needs ``--config.codsr.disc_backbone=<transformers DINO ViT or CLIP vision folder>`` for its GAN (or
 ``--config.codsr.gan_weight=0``); stage 2 needs ``--config.codsr.stage1=<stage-1 workdir>/export/gen`` (or CODSR's
 stage-1 release file) and image folders with noun masks (``--config.data.source=folder --config.data.path=...``;
 the layout is in the README).
