@@ -39,6 +39,10 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".bmp", ".jpeg", ".jpg", ".pgm", ".png", ".
 # Any flag other than exactly IMREAD_UNCHANGED makes OpenCV apply the EXIF orientation; ANYDEPTH keeps 16-bit and
 # float samples, ANYCOLOR keeps greyscale as one channel (no needless 3x decode work) and drops alpha.
 _DECODE_FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+# OpenCV's own log lines about data it cannot decode are off (fatal ones stay): jsr reports every such file itself
+# (BadImageError, with its name), and OpenCV's lines, printed by whichever reader thread meets the file, can land
+# after a command's closing "error:" line.
+cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_FATAL)
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _EXIF_SOFTWARE, _EXIF_DESCRIPTION = 0x0131, 0x010E
 

@@ -1,10 +1,12 @@
 """Metric writers and periodic actions for the training loop.
 
-CLU's writers (``clu.metric_writers``) import TensorFlow at package import time (clu 0.0.12), and TensorFlow is
-not a jsr dependency (hundreds of MB, and its numpy/ml_dtypes pins fight JAX's). So: when TensorFlow is importable,
-:func:`create_writer` returns CLU's own default writer; otherwise it returns :class:`Writer`, which has the same
-methods (``write_scalars``, ``write_images``, ``write_hparams``, ``write_texts``, ``flush``, ``close``) and writes
-TensorBoard event files through ``tensorboardX`` plus a line per write to the log. Only process 0 writes.
+:func:`create_writer` returns CLU's default writer (``clu.metric_writers``: the log plus TensorBoard summaries
+through ``tf.summary``) whenever it imports, which needs TensorFlow and the tensorboard package (``pip install
+'jsr[tf]'``; CI installs it). TensorFlow is not a core jsr dependency (1.3 GB), so without it :func:`create_writer`
+returns :class:`Writer`, which has the same methods (``write_scalars``, ``write_images``, ``write_hparams``,
+``write_texts``, ``flush``, ``close``) and writes TensorBoard event files through ``tensorboardX`` plus a line per
+write to the log. Both record the training previews as image summaries: CLU one image per batch element, Writer
+the batch tiled in a row. Only process 0 writes; TensorFlow is kept off the accelerators (it only writes files).
 
 :class:`ProgressReporter` is the periodic "steps/s and ETA" line (CLU's ``ReportProgress`` role) and
 :class:`Profiler` captures a ``jax.profiler`` trace of a few steps.
@@ -21,12 +23,38 @@ import numpy as np
 from absl import logging
 
 
+def _import_metric_writers() -> Any:
+    from clu import metric_writers  # imports tensorflow and tensorboard
+
+    return metric_writers
+
+
 def _clu_writer(logdir: str) -> Any | None:
+    """CLU's default writer, or None (the reason logged) when ``clu.metric_writers`` does not import: TensorFlow
+    or tensorboard missing, or a TensorFlow build that fails to load beside this numpy/protobuf."""
     try:
-        from clu import metric_writers  # imports tensorflow
-    except ImportError:
+        metric_writers = _import_metric_writers()
+    except Exception as e:  # noqa: BLE001 - any failure to import means: use the fallback, and say why
+        logging.info("CLU metric writers unavailable (%s: %s); writing TensorBoard files with tensorboardX",
+                     type(e).__name__, " ".join(str(e).split())[:200])
         return None
-    return metric_writers.create_default_writer(logdir, just_logging=jax.process_index() > 0)
+    try:
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")  # a GPU build would otherwise reserve device memory JAX needs
+    except RuntimeError:  # TensorFlow's devices were already set up by the caller: leave them
+        pass
+
+    class LogLines(metric_writers.LoggingWriter):
+        """CLU's log writer, but the hyper-parameters get one line, as :class:`Writer` gives them: the values are
+        in the workdir's config.json and TensorBoard's hparams, not a hundred-value console line."""
+
+        def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+            logging.info("hyper-parameters: %d values (TensorBoard hparams)", len(hparams))
+
+    # create_default_writer's composition (log + TF summaries, asynchronous), with the log writer above
+    parts = [LogLines()] + ([metric_writers.SummaryWriter(logdir)] if jax.process_index() == 0 else [])
+    return metric_writers.AsyncMultiWriter(parts)
 
 
 class Writer:
@@ -91,7 +119,8 @@ class Writer:
 
 
 def create_writer(logdir: str | os.PathLike, *, prefer_clu: bool = True) -> Any:
-    """CLU's default writer when TensorFlow is present (and ``prefer_clu``), else :class:`Writer`."""
+    """CLU's default writer when ``clu.metric_writers`` imports (and ``prefer_clu``), else :class:`Writer`; both
+    write TensorBoard event files into ``logdir``."""
     if prefer_clu:
         w = _clu_writer(str(logdir))
         if w is not None:
