@@ -20,7 +20,8 @@ restorer), :mod:`jsr.data` (images, degradation) and :mod:`jsr.metrics`, and bel
 use them, 128 -> 512), or an HQ folder whose images are (optionally centre-cropped and) degraded on the fly with
 the Real-ESRGAN pipeline (:func:`jsr.data.degradation.degrade`), each image from its own generator seeded by
 ``(seed, crc32(name))``: the same LQ on every run and machine, whatever other files the folder holds (DIV2K-val
-512 crops). The degraded LQ and the cropped HQ are written out, so other methods can be run on the same inputs and
+512 crops), or a prepared TFDS dataset (``tfds:realsr``, ``tfds:drealsr``, ``tfds:div2k_val``:
+:mod:`jsr.data.testsets`; :func:`jsr.eval.datasets.open_dataset` opens either form). The degraded LQ and the cropped HQ are written out, so other methods can be run on the same inputs and
 compared with ``compare``.
 
 **Protocol.** Each LQ is upscaled (bicubic, ``upscale``) and restored (:class:`jsr.sr.infer.Restorer`, any size);
