@@ -65,7 +65,7 @@ def test_cost_analysis_counts_the_whole_step():
     fn = jax.jit(lambda w, x: x @ w, in_shardings=(w_sh, x_sh), out_shardings=x_sh)
     args = (jax.ShapeDtypeStruct((256, 512), jnp.bfloat16, sharding=w_sh),
             jax.ShapeDtypeStruct((64, 256), jnp.bfloat16, sharding=x_sh))
-    program = P.Program(fn=fn, args=args, mesh=mesh, groups=[], batch=64)
+    program = P.Program(make_fn=lambda: fn, args=args, mesh=mesh, groups=[], batch=64)
     out = P.export_program(program, "tpu")
     assert out["nr_devices"] == 16
     assert out["flops"] == pytest.approx(2 * 64 * 256 * 512, rel=1e-6)  # XLA sums in float32

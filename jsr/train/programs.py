@@ -31,7 +31,7 @@ import re
 import resource
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,12 @@ from jsr.sr.generator import SDModels
 from jsr.sr.schedule import DDPMSchedule
 from jsr.train import sharding
 from jsr.train.step import init_state, make_train_step
+
+# Custom-call targets of hand-written kernels (Pallas/Mosaic on TPU and GPU, cuDNN fused attention): XLA's cost
+# analysis counts no FLOPs in them.
+KERNEL_CALLS = ("tpu_custom_call", "__cudnn$", "mosaic_gpu")
+# The attention implementations that run such kernels.
+KERNEL_IMPLEMENTATIONS = ("splash", "cudnn")
 
 # The backend name ``jax.default_backend()`` reports on each export platform.
 BACKEND_OF_PLATFORM = {"tpu": "tpu", "cuda": "gpu", "rocm": "gpu", "cpu": "cpu"}
@@ -207,14 +213,15 @@ class Program:
     """One train step as a jitted function over abstract, sharded arguments.
 
     Attributes:
-      fn: ``jax.jit(step, in_shardings=..., out_shardings=..., donate_argnums=0)``, as the loop jits it.
+      make_fn: ``() -> jax.jit(step, in_shardings=..., out_shardings=..., donate_argnums=0)``, as the loop jits
+        it; a fresh jit per call, so each export traces anew (the attention path is chosen while tracing).
       args: ``(state, frozen, batch)`` of ``jax.ShapeDtypeStruct`` with their shardings.
       mesh: the ``AbstractMesh``.
       groups: the trainable groups this phase updates.
       batch: global batch size (images per step).
     """
 
-    fn: Any
+    make_fn: Callable[[], Any]
     args: tuple
     mesh: AbstractMesh
     groups: list[str]
@@ -307,10 +314,14 @@ def build_program(config: Any, base: Base, mesh: AbstractMesh, phase: int = 0,
     data = {"hq": image, "lq": image, "c": base.prompts.spec(batch),
             **_host_batch_spec(setup, config, batch)}
     batch_sh = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in data.items()}
-    fn = jax.jit(make_train_step(updates, config.optim.accum_steps), in_shardings=(state_sh, frozen_sh, batch_sh),
-                 out_shardings=(state_sh, rep), donate_argnums=0)
+    step = make_train_step(updates, config.optim.accum_steps)
+
+    def make_fn():
+        return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, rep),
+                       donate_argnums=0)
+
     args = (_with(state, state_sh), _with(frozen, frozen_sh), _with(data, batch_sh))
-    return Program(fn=fn, args=args, mesh=mesh, groups=[u.group for u in updates], batch=batch)
+    return Program(make_fn=make_fn, args=args, mesh=mesh, groups=[u.group for u in updates], batch=batch)
 
 
 def _flops(cost: Any) -> float:
@@ -324,36 +335,58 @@ def _peak_rss() -> int:
 
 
 def export_program(program: Program, platform: str, *, cost: bool = True, avoid: tuple[str, ...] = (),
-                   disabled_checks: tuple = ()) -> dict[str, Any]:
+                   xla_flops: float | None = None, disabled_checks: tuple = ()) -> dict[str, Any]:
     """``jax.export`` of ``program`` for ``platform`` (``tpu``, ``cuda``...) on its mesh and, with ``cost``, XLA's
     cost analysis of the same program lowered for that platform: the unpartitioned module, so the FLOPs of the
-    whole step over every device, without compiling (nothing here can compile for the target). ``avoid``:
-    attention implementations exported as the XLA path instead (:func:`target_backend`). Raises whatever the
-    trace or the export raises.
+    whole step over every device, without compiling (nothing here can compile for the target).
+
+    The step traces with ``program.mesh`` as the abstract mesh in context (what ``jax.set_mesh`` gives a
+    multi-device step: splash attention then runs per shard) and the attention resolved as on ``platform``;
+    ``avoid``: implementations exported as the XLA path instead (:func:`target_backend`). A kernel's custom call
+    (:data:`KERNEL_CALLS`) has no FLOPs in XLA's count: then ``flops`` is that of the same step with XLA attention
+    (``xla_flops`` when the caller has it, else traced here) and ``flops_outside_kernels`` the exported
+    module's. Raises whatever the trace or the export raises.
 
     Returns ``{"stablehlo_bytes"`` (the serialized StableHLO bytecode), ``"nr_devices"``, ``"flops"`` (NaN
-    without ``cost``), ``"custom_calls"`` ({target: count} in the module), ``"attention_calls"``
-    ({implementation: calls} the trace resolved), ``"constant_bytes"`` (:func:`constant_bytes`), ``"export_s"``,
-    ``"lower_s"``, ``"peak_rss_bytes"`` (this process so far), ``"exported"`` (the ``jax.export.Exported``; drop it before writing JSON)``}``.
+    without ``cost``), ``"flops_source"``, ``"custom_calls"`` ({target: count} in the module),
+    ``"kernel_calls"``, ``"attention_calls"`` ({implementation: calls} the trace resolved), ``"constant_bytes"``
+    (:func:`constant_bytes`), ``"export_s"``, ``"lower_s"``, ``"peak_rss_bytes"`` (this process so far),
+    ``"exported"`` (the ``jax.export.Exported``; drop it before writing JSON)``}``.
     """
     from jax import export
 
-    flops, lower_s = float("nan"), 0.0
-    with target_backend(platform, avoid) as picks:
+    out: dict[str, Any] = {"flops": float("nan"), "flops_source": None, "lower_s": 0.0}
+    fn = program.make_fn()
+    with target_backend(platform, avoid) as picks, jax.sharding.use_abstract_mesh(program.mesh):
         t0 = time.perf_counter()
-        exp = export.export(program.fn, platforms=[platform], disabled_checks=disabled_checks)(*program.args)
-        export_s = time.perf_counter() - t0
+        exp = export.export(fn, platforms=[platform], disabled_checks=disabled_checks)(*program.args)
+        out["export_s"] = time.perf_counter() - t0
         if cost:
             t0 = time.perf_counter()
             # jit's trace is cached; this lowers it once more (not for export) for the cost analysis.
-            lowered = program.fn.trace(*program.args).lower(lowering_platforms=(platform,))
-            flops = _flops(lowered.cost_analysis())
-            lower_s = time.perf_counter() - t0
+            out["flops"] = _flops(fn.trace(*program.args).lower(lowering_platforms=(platform,)).cost_analysis())
+            out["flops_source"] = "this program"
+            out["lower_s"] = time.perf_counter() - t0
     text = exp.mlir_module()
     calls = collections.Counter(re.findall(r"custom_call @([\w$.\-]+)", text))
-    return {"stablehlo_bytes": len(exp.mlir_module_serialized), "nr_devices": exp.nr_devices, "flops": flops,
-            "custom_calls": dict(calls), "attention_calls": dict(picks), "constant_bytes": constant_bytes(text),
-            "export_s": export_s, "lower_s": lower_s, "peak_rss_bytes": _peak_rss(), "exported": exp}
+    kernels = sum(n for c, n in calls.items() if c.startswith(KERNEL_CALLS))
+    if cost and kernels:
+        out["flops_outside_kernels"] = out["flops"]
+        if xla_flops is None:
+            t0 = time.perf_counter()
+            xla_fn = program.make_fn()
+            with target_backend(platform, KERNEL_IMPLEMENTATIONS), jax.sharding.use_abstract_mesh(program.mesh):
+                lowered = xla_fn.trace(*program.args).lower(lowering_platforms=(platform,))
+                xla_flops = _flops(lowered.cost_analysis())
+            out["lower_s"] += time.perf_counter() - t0
+            out["flops_source"] = "this step with XLA attention"
+        else:
+            out["flops_source"] = "given (the step with XLA attention)"
+        out["flops"] = xla_flops
+    out.update(stablehlo_bytes=len(exp.mlir_module_serialized), nr_devices=exp.nr_devices, custom_calls=dict(calls),
+               kernel_calls=kernels, attention_calls=dict(picks), constant_bytes=constant_bytes(text),
+               peak_rss_bytes=_peak_rss(), exported=exp)
+    return out
 
 
 def constant_bytes(module_text: str) -> int:
