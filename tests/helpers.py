@@ -82,12 +82,19 @@ def osediff_unet_groups(names):
 def one_device_xla_flags() -> str:
     """The session's ``XLA_FLAGS`` (conftest.py: 8 fake CPU devices, the test compile flags) with one device, for
     subprocesses that train on a single device."""
+    return device_xla_flags(1)
+
+
+def device_xla_flags(n: int) -> str:
+    """The session's ``XLA_FLAGS`` (the test compile flags) with ``n`` fake CPU devices, for subprocesses (one
+    device each for single-device runs, 4 each for the processes of a multi-process job)."""
     import re
 
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" in flags:
-        return re.sub(r"--xla_force_host_platform_device_count=\d+", "--xla_force_host_platform_device_count=1", flags)
-    return (flags + " --xla_force_host_platform_device_count=1").strip()
+        return re.sub(r"--xla_force_host_platform_device_count=\d+", f"--xla_force_host_platform_device_count={n}",
+                      flags)
+    return (flags + f" --xla_force_host_platform_device_count={n}").strip()
 
 
 def override(config, over: dict):

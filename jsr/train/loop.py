@@ -4,6 +4,11 @@ One process per host. Per step: next batch from the Grain iterator (host), promp
 (host), batch placed on the mesh, one jitted step with declared shardings and the state donated. The host reads
 the previous step's metrics after dispatching the current one, so that read never stalls the device.
 
+Several processes (``jsr.train.distributed``): each loads the rows of every global batch that its devices hold
+(``jsr.data.process_share``), so the job trains on the single-process stream whatever the process count; a stop
+request (SIGTERM) on any process is agreed at the step boundary, so all stop at the same step with one checkpoint;
+checkpoints carry every process's data state and resume on another process count.
+
 The method (``config.method``) comes from the registry (:mod:`jsr.methods`): its ``setup`` gives the trainable
 trees, the phases of updates, the frozen extras and what to export; its ``forward`` makes the preview images. The
 loop knows no method by name.
@@ -27,7 +32,7 @@ from absl import logging
 
 import jsr.methods
 from jsr.console import compiling, notice
-from jsr.data import make_iterator, shard_batch
+from jsr.data import make_iterator, process_share, shard_batch
 from jsr.data.pipeline import DataStarvationError
 from jsr.methods.api import Method, TrainSetup, split_knobs
 from jsr.methods.export import write_export
@@ -35,7 +40,7 @@ from jsr.models import common
 from jsr.sr import generator
 from jsr.sr.base import load_base
 from jsr.sr.prompts import drop_prompts
-from jsr.train import sharding
+from jsr.train import distributed, sharding
 from jsr.train.checkpoint import Checkpointer, Preempted, PreemptionWatch
 from jsr.train.step import TrainState, init_state, make_train_step
 from jsr.train.writers import Profiler, ProgressReporter, create_writer
@@ -120,15 +125,18 @@ def make_preview(method: Method, models: Any):
     return preview
 
 
-def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
+def train(config, workdir: str | os.PathLike, cluster: distributed.Cluster | None = None) -> dict[str, Any]:
     """Run (or resume) the training ``config`` describes in ``workdir``.
+
+    ``cluster``: this process's place in a multi-process job (``train.py``'s flags; default: the environment),
+    joined when ``config.multihost`` allows (see :func:`jsr.train.distributed.initialize`).
 
     Returns a summary: ``{"step", "status" ("done"|"preempted"), "metrics" (last step, floats), "exported"}``.
     Raises :class:`NonFiniteLossError` when ``config.max_nonfinite`` consecutive steps were non-finite.
     """
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    sharding.maybe_initialize_distributed(config.multihost)
+    distributed.initialize(cluster, config.multihost)
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
         logging.info("config written to %s", workdir / "config.json")
@@ -148,21 +156,35 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
                  ", ".join(setup.params))
 
     rep = sharding.replicated(mesh)
+    distributed.barrier("setup")  # the processes meet before their first collective (jsr.train.distributed)
     frozen_sh = _frozen_shardings(setup.frozen, base, mesh, config.shard_frozen, rules, setup.frozen_axes)
-    frozen = jax.device_put(setup.frozen, frozen_sh)
+    frozen = distributed.device_put(setup.frozen, frozen_sh)
     state = init_state(setup.params, setup.all_updates, config.seed)
     state_sh = jax.tree.map(lambda _: rep, state)
-    state = jax.device_put(state, state_sh)
+    state = distributed.device_put(state, state_sh)
 
     ckpt = Checkpointer(workdir / "checkpoints", keep=config.checkpoint.keep, every=config.checkpoint.every,
                         async_save=config.checkpoint.async_save)
     data_cfg = config.data.to_dict()
     data_cfg["seed"] = config.data.seed if config.data.seed else config.seed
-    it = make_iterator(data_cfg)
+    global_batch = int(config.data.batch_size)
+    # Each process loads the rows of every global batch its devices hold (where shard_batch puts them).
+    all_rows = distributed.batch_rows(sharding.batch_sharding(mesh, 1), global_batch)
+    rows = all_rows[jax.process_index()]
+    if jax.process_count() > 1:
+        logging.info("data: global batch %d, rows per process %s", global_batch, distributed.describe(all_rows))
+        it = make_iterator(data_cfg, rows=rows)
+    else:
+        it = make_iterator(data_cfg)
+
+    def data_state() -> dict:  # every process's iterator state (a collective on several processes)
+        return process_share.pack(distributed.gather_json(it.get_state()), all_rows, global_batch)
+
     if ckpt.latest_step() is not None:
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        state, data_state = ckpt.restore(abstract)
-        it.set_state(data_state)
+        state, saved_data = ckpt.restore(abstract)
+        it.set_state(process_share.reshard_states(saved_data, rows, global_batch, it.get_state(),
+                                                  jax.process_index(), all_rows))
         logging.info("resumed from step %d", int(state.step))
 
     batch_keys = ("hq", "lq", "c")
@@ -177,7 +199,16 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
                                   donate_argnums=0)
         return _STEPS[key]
 
+    def ready(fn, name: str, *args) -> None:
+        """Several processes: compile ``fn`` for ``args`` (or load it), then meet the others, so that its first
+        run starts together (jsr.train.distributed: CPU collectives wait 30 s for a late process)."""
+        if jax.process_count() > 1:
+            fn.lower(*args).compile()
+            distributed.barrier(name)
+
     preview = jax.jit(make_preview(method, base.models), out_shardings=rep)
+    # The preview's first rows, on every device: a batch row lives on one process only.
+    head = jax.jit(lambda x: x[:int(config.log.images)], out_shardings=rep)
     null_ratio = float(config.data.get("null_prompt_ratio", 0.0))
     writer = create_writer(workdir / "tensorboard")
     if jax.process_index() == 0:
@@ -208,8 +239,13 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
         newest = ckpt.latest_step() or 0
         if step <= newest:
             return
-        if getattr(it, "interrupt_safe", False):
-            ckpt.save(step, state, it.get_state(), force=True)
+        if jax.process_count() > 1:
+            # Saving is collective and the other processes are inside the next step, waiting for this one: stop
+            # without it (they stop when this process has gone: jsr.train.distributed).
+            logging.warning("%s: step %d not checkpointed (one process of %d cannot save alone); a resume starts "
+                            "from step %d", why, step, jax.process_count(), newest)
+        elif getattr(it, "interrupt_safe", False):
+            ckpt.save(step, state, data_state(), force=True)
         else:
             logging.warning("%s: step %d not checkpointed (the input pipeline was stopped mid-batch with "
                             "data.prefetch_batches=0); a resume starts from step %d", why, step, newest)
@@ -244,6 +280,7 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
             if first_call:  # the call compiles (or reads the persistent cache): minutes on a CPU, say so
                 compiling("the train step" + (f" of phase {phase}" if len(setup.phases) > 1 else ""))
                 t_compile = time.perf_counter()
+                ready(step_fn(phase, updates), f"train step {phase}", state, frozen, device_batch)
             state, metrics = step_fn(phase, updates)(state, frozen, device_batch)
             if first_call:
                 _CALLED.add((run_key, phase))
@@ -259,21 +296,23 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
             pending = (step, metrics)
             progress(step)
             if config.log.image_every and step % config.log.image_every == 0:
-                n = int(config.log.images)
-                x_lq = device_batch["lq"][:n] * 2 - 1
+                lq, hq, c = (head(device_batch[k]) for k in ("lq", "hq", "c"))
                 if not previewed:
                     compiling("the preview images' forward pass")
+                    ready(preview, "preview", state.params, frozen, lq * 2 - 1, c)
                     previewed = True
-                sr = (preview(state.params, frozen, x_lq, device_batch["c"][:n]) + 1) / 2
+                sr = (preview(state.params, frozen, lq * 2 - 1, c) + 1) / 2
                 writer.write_images(step, {"lq_sr_hq": np.concatenate(
-                    [np.asarray(device_batch["lq"][:n]), np.asarray(sr), np.asarray(device_batch["hq"][:n])], 2)})
+                    [np.asarray(lq), np.asarray(sr), np.asarray(hq)], 2)})
             if ckpt.should_save(step):  # the iterator state is only read when a checkpoint is written
-                ckpt.save(step, state, it.get_state())
+                ckpt.save(step, state, data_state())
             if step == config.debug.crash_after_step:
                 ckpt.wait()
                 raise SystemExit(f"debug.crash_after_step={step}: simulated crash")
-            if watch.requested or ckpt.reached_preemption(step):
-                ckpt.save(step, state, it.get_state(), force=True)
+            # A signal reaches one process (a pod's hosts are preempted one by one): all agree on it here, at the
+            # same step, so they save one checkpoint together.
+            if distributed.any_process(watch.requested) or ckpt.reached_preemption(step):
+                ckpt.save(step, state, data_state(), force=True)
                 status = "preempted"
                 logging.warning("preempted at step %d: checkpoint saved, exiting", step)
                 break
@@ -281,7 +320,7 @@ def train(config, workdir: str | os.PathLike) -> dict[str, Any]:
         last = report(*pending)
     exported: list[Path] = []
     if status == "done":
-        ckpt.save(step, state, it.get_state(), force=True)
+        ckpt.save(step, state, data_state(), force=True)
         if jax.process_index() == 0:
             exported = write_export(workdir / "export", method.name, setup, jax.device_get(state.params), base)
             for p in exported:

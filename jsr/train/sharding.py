@@ -66,18 +66,12 @@ def parse_rules(rules: Any) -> tuple[tuple[str, Any], ...]:
 
 
 def maybe_initialize_distributed(multihost: bool | None = None) -> None:
-    """Start JAX's multi-host runtime on a TPU pod slice (or any multi-process job).
+    """Start JAX's multi-host runtime on a TPU pod slice (or any multi-process job described by the
+    ``JAX_COORDINATOR_ADDRESS``/``JAX_NUM_PROCESSES``/``JAX_PROCESS_ID`` environment): see
+    :func:`jsr.train.distributed.initialize`, which this calls. Safe to call twice."""
+    from jsr.train import distributed
 
-    ``multihost=None`` decides from the environment: on TPU VMs ``jax.distributed.initialize()`` discovers the
-    coordinator itself; elsewhere a single process is assumed unless ``JAX_COORDINATOR_ADDRESS`` is set.
-    Safe to call twice.
-    """
-    import os
-
-    if multihost is None:
-        multihost = bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or bool(os.environ.get("TPU_WORKER_HOSTNAMES"))
-    if multihost and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    distributed.initialize(None, multihost)
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
