@@ -24,6 +24,9 @@ from absl import logging
 
 
 def _import_metric_writers() -> Any:
+    # TensorFlow's C++ start-up lines (CPU features, oneDNN) would land in the middle of jsr's console output;
+    # its warnings and errors still print. A user's own setting wins.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from clu import metric_writers  # imports tensorflow and tensorboard
 
     return metric_writers
