@@ -290,17 +290,16 @@ def knob_flags(args: argparse.Namespace) -> dict[str, Any]:
     return knob_overrides({k[len("knob_"):]: v for k, v in vars(args).items() if k.startswith("knob_")})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m jsr.infer`` argument parser."""
-    p = argparse.ArgumentParser(
-        prog="python -m jsr.infer",
-        description="Restore images with a one-step diffusion SR model (any registered method: "
-                    f"{', '.join(jsr.methods.names())}). Inputs: files, folders or globs; any size.")
-    p.add_argument("inputs", nargs="+", help="image files, folders (their images) or glob patterns")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", required=True, help="base SD folder (diffusers layout: unet/ vae/ text_encoder/ "
-                                                  "tokenizer/ scheduler/), or 'tiny' for the embedded tiny random "
-                                                  "model (a smoke test, no real restoration)")
+def add_model_flags(p: argparse.ArgumentParser, g: Any, model_default: str | None = None) -> None:
+    """The model flags (``--model``, ``--lora``, ``--method``, ``--prompt``, ``--dtype``, ``--attention``) into
+    group ``g`` and every registered knob's flag into ``p``: what ``python -m jsr.infer`` and ``python -m jsr.demo``
+    share. ``model_default``: ``--model``'s default (``None``: required)."""
+    model_help = ("base SD folder (diffusers layout: unet/ vae/ text_encoder/ tokenizer/ scheduler/), or 'tiny' for "
+                  "the embedded tiny random model (a smoke test, no real restoration)")
+    if model_default is None:
+        g.add_argument("--model", required=True, help=model_help)
+    else:
+        g.add_argument("--model", default=model_default, help=f"{model_help} (default: {model_default})")
     g.add_argument("--lora", action="append", default=[], metavar="[ROLE=]PATH",
                    help="model files (repeatable): a jsr export (<workdir>/export or one group of it: its manifest "
                         "names the method), a release file (OSEDiff/PiSA-SR .pkl...), or a peft/diffusers LoRA. "
@@ -312,9 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="parameter/compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     g.add_argument("--attention", default="auto", help="attention implementation (jsr.models.attention)")
     add_knob_flags(p)
-    g = p.add_argument_group("processing")
-    g.add_argument("--upscale", type=float, default=4.0, help="output size / input size (bicubic pre-upscale)")
-    g.add_argument("--color_fix", "--color-fix", choices=colorfix.METHODS, default="adain")
+
+
+def add_tiling_flags(g: Any) -> None:
+    """The tiling and memory flags (``--latent_tile`` ... ``--spill_dir``) into group ``g`` (jsr.infer, jsr.demo)."""
     g.add_argument("--latent_tile", "--latent-tile", type=int, default=96,
                    help="UNet tile size in latent pixels (x8 in the image)")
     g.add_argument("--latent_overlap", "--latent-overlap", type=int, default=32,
@@ -330,6 +330,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "blended tiles; the plan and its estimate are printed before the work (default: no budget)")
     g.add_argument("--spill_dir", "--spill-dir", default="",
                    help="where --max_memory spills tile carries (default: the system's temporary folder)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m jsr.infer`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m jsr.infer",
+        description="Restore images with a one-step diffusion SR model (any registered method: "
+                    f"{', '.join(jsr.methods.names())}). Inputs: files, folders or globs; any size.")
+    p.add_argument("inputs", nargs="+", help="image files, folders (their images) or glob patterns")
+    add_model_flags(p, p.add_argument_group("model"))
+    g = p.add_argument_group("processing")
+    g.add_argument("--upscale", type=float, default=4.0, help="output size / input size (bicubic pre-upscale)")
+    g.add_argument("--color_fix", "--color-fix", choices=colorfix.METHODS, default="adain")
+    add_tiling_flags(g)
     g.add_argument("--batch_size", "--batch-size", type=int, default=1, help="same-size images restored together")
     g = p.add_argument_group("output")
     g.add_argument("--output", "-o", help="output folder (default: next to each input)")

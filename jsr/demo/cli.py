@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from jsr.cli import enable_compilation_cache, guard, report_user_error
-from jsr.infer import add_knob_flags, knob_flags, parse_bytes
+from jsr.infer import add_model_flags, add_tiling_flags, knob_flags
 from jsr.sr import colorfix
 from jsr.sr.infer import RestoreOptions
 
@@ -50,32 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jsr.demo",
                                 description="A web page to restore images with a one-step SR model, its knobs as "
                                             f"sliders (any registered method: {', '.join(jsr.methods.names())}).")
-    g = p.add_argument_group("model (as python -m jsr.infer)")
-    g.add_argument("--model", default="tiny", help="base SD folder (diffusers layout), or 'tiny' (default): the "
-                                                   "embedded tiny random model, a smoke test that restores nothing")
-    g.add_argument("--lora", action="append", default=[], metavar="[ROLE=]PATH",
-                   help="model files (repeatable): a jsr export, a release file, a peft LoRA; ROLE=PATH gives a "
-                        "tree its role (see python -m jsr.infer --help)")
-    g.add_argument("--method", choices=("auto",) + jsr.methods.names(), default="auto",
-                   help="auto: from the files' manifests or formats, else the method whose roles fit the files")
-    g.add_argument("--prompt", default="", help="text prompt for the UNet's cross-attention (default: empty)")
-    g.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
-                   help="parameter/compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
-    g.add_argument("--attention", default="auto", help="attention implementation (jsr.models.attention)")
-    add_knob_flags(p)
+    add_model_flags(p, p.add_argument_group("model (as python -m jsr.infer)"), model_default="tiny")
     g = p.add_argument_group("processing (as python -m jsr.infer; the upscale and colour fix are page controls)")
     g.add_argument("--upscale", type=float, default=4.0, help="the page's initial upscale")
     g.add_argument("--color_fix", "--color-fix", choices=colorfix.METHODS, default="adain",
                    help="the page's initial colour fix")
-    g.add_argument("--latent_tile", "--latent-tile", type=int, default=96, help="UNet tile size in latent pixels")
-    g.add_argument("--latent_overlap", "--latent-overlap", type=int, default=32, help="UNet tile overlap")
-    g.add_argument("--vae_tile", "--vae-tile", type=int, default=1024, help="VAE tile size in output pixels")
-    g.add_argument("--vae_overlap", "--vae-overlap", type=int, default=RestoreOptions.vae_overlap,
-                   help="VAE tile overlap in output pixels")
-    g.add_argument("--tiles_per_call", "--tiles-per-call", type=int, default=1, help="tiles batched per call")
-    g.add_argument("--max_memory", "--max-memory", type=parse_bytes, default=0, metavar="SIZE",
-                   help="host memory to plan each image against, e.g. 8G (see python -m jsr.infer --help)")
-    g.add_argument("--spill_dir", "--spill-dir", default="", help="where --max_memory spills tile carries")
+    add_tiling_flags(g)
     g = p.add_argument_group("server")
     g.add_argument("--host", default=DEFAULT_HOST,
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0: every interface)")
