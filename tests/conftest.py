@@ -39,3 +39,19 @@ try:  # The PyTorch side is optional; parity tests skip without it.
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 except ImportError:  # pragma: no cover
     pass
+
+
+import gc  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_compiled_programs_after_each_module():
+    """Drop JAX's in-memory compiled programs when a test module ends. An xdist worker runs many modules in one
+    process and held every program it ever compiled (8 GB resident near the end of the default run on the 2-core
+    machine, 2026-11-30, where the other worker was OOM-killed). Later modules that need a program again read it
+    back from the session's persistent compilation cache (JAX_COMPILATION_CACHE_DIR above) instead of keeping it."""
+    yield
+    jax.clear_caches()
+    gc.collect()
