@@ -84,3 +84,20 @@ def program_bytes(compiled) -> dict[str, int] | None:
     keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes", "alias_size_in_bytes",
             "generated_code_size_in_bytes")
     return {k: int(getattr(m, k)) for k in keys if hasattr(m, k)}
+
+
+# Train-step programs the benchmarks build: key -> (config module, config variant, phase index, negative from the
+# last). PiSA-SR's two phases are separate programs; CODSR stage 1 is taken in its GAN phase (from step 3,000 of
+# 14,000: what most of its steps run).
+TRAIN_PROGRAMS = {
+    "osediff": ("osediff", None, 0),
+    "fidelity": ("fidelity", None, 0),
+    "pisa-pix": ("pisasr", None, 0),
+    "pisa-sem": ("pisasr", None, 1),
+    "ctsr1": ("ctsr", "stage1", 0),
+    "ctsr2": ("ctsr", "stage2", 0),
+    "fidesr": ("fidesr", None, 0),
+    "rcod": ("rcod", None, 0),
+    "codsr1": ("codsr", "stage1", -1),
+    "codsr2": ("codsr", "stage2", 0),
+}

@@ -42,24 +42,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from _common import environment, write_result
+from _common import TRAIN_PROGRAMS, environment, write_result
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ lives at the repo root
 
-# program -> (config module, variant, phase index: negative from the last). PiSA-SR's phases are two steps;
-# CODSR stage 1 is exported in its GAN phase (from step 3,000 of 14,000: what most of its steps run).
-PROGRAMS = {
-    "osediff": ("osediff", None, 0),
-    "fidelity": ("fidelity", None, 0),
-    "pisa-pix": ("pisasr", None, 0),
-    "pisa-sem": ("pisasr", None, 1),
-    "ctsr1": ("ctsr", "stage1", 0),
-    "ctsr2": ("ctsr", "stage2", 0),
-    "fidesr": ("fidesr", None, 0),
-    "rcod": ("rcod", None, 0),
-    "codsr1": ("codsr", "stage1", -1),
-    "codsr2": ("codsr", "stage2", 0),
-}
+PROGRAMS = TRAIN_PROGRAMS
 
 # target -> (platform, (data, fsdp, tensor)).
 TARGETS = {
