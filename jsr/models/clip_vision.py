@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jsr.models.clip_text import ACTIVATIONS, CLIPEncoderLayer, Embed
+from jsr.models.common import PatchGrid
 from jsr.models.layers import Conv, Dense, LayerNorm
 
 Dtype = Any
@@ -52,7 +53,7 @@ _ARCHITECTURES = {"CLIPVisionModel": False, "CLIPVisionModelWithProjection": Tru
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(PatchGrid):
     """The resolved vision-transformer architecture (hashable, as Flax module attributes must be).
 
     Field names follow transformers' ``CLIPVisionConfig`` (defaults: ViT-B/32). ``with_projection`` adds
@@ -73,16 +74,6 @@ class CLIPVisionConfig:
     projection_dim: int = 512
     with_projection: bool = False
     transformers_json: str = "{}"
-
-    @property
-    def grid_size(self) -> int:
-        """Patches per image side (transformers floors ``image_size / patch_size`` too)."""
-        return self.image_size // self.patch_size
-
-    @property
-    def num_positions(self) -> int:
-        """Tokens per image: the class token plus ``grid_size ** 2`` patches (257 for ViT-L/14 at 224 px)."""
-        return self.grid_size ** 2 + 1
 
     @classmethod
     def from_transformers(cls, cfg: Mapping[str, Any], with_projection: bool | None = None) -> "CLIPVisionConfig":

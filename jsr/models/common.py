@@ -40,3 +40,21 @@ def config_fields(cls: type, d: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known: {sorted(names)}")
     return dict(d)
+
+
+class PatchGrid:
+    """Token-count properties shared by the ViT-family configs (CLIP vision, ViT/DINO): a square ``image_size``
+    cut into ``patch_size`` patches plus one class token. Mixed into frozen dataclasses with those two fields."""
+
+    image_size: int
+    patch_size: int
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per image side (``image_size // patch_size``, floored as transformers does)."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_positions(self) -> int:
+        """Tokens per image: the class token plus ``grid_size ** 2`` patches (257 for ViT-L/14 at 224 px)."""
+        return self.grid_size ** 2 + 1

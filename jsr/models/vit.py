@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from jsr.models.attention import dot_product_attention
 from jsr.models.clip_text import ACTIVATIONS
+from jsr.models.common import PatchGrid
 from jsr.models.layers import Conv, Dense, LayerNorm
 
 Dtype = Any
@@ -64,7 +65,7 @@ def _square(value: Any, name: str) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(PatchGrid):
     """The resolved ViT architecture (hashable, as Flax module attributes must be).
 
     Field names follow transformers' ``ViTConfig`` (defaults: ViT-B/16 at 224 px). ``with_pooler`` builds
@@ -86,16 +87,6 @@ class ViTConfig:
     pooler_output_size: int = 768
     pooler_act: str = "tanh"
     transformers_json: str = "{}"
-
-    @property
-    def grid_size(self) -> int:
-        """Patches per image side (``image_size // patch_size``, floored as transformers does)."""
-        return self.image_size // self.patch_size
-
-    @property
-    def num_positions(self) -> int:
-        """Tokens per image: the class token plus ``grid_size ** 2`` patches (197 for ViT-B/16 at 224 px)."""
-        return self.grid_size ** 2 + 1
 
     @classmethod
     def from_transformers(cls, cfg: Mapping[str, Any], with_pooler: bool | None = None) -> "ViTConfig":
