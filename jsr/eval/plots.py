@@ -103,6 +103,17 @@ def plot_missing_reason(report: Mapping) -> str | None:
     return _plot_axes(report)[2]
 
 
+def _new_figure(panels: int, width: float, height: float):
+    """A matplotlib ``Figure`` on an Agg canvas (no display needed), ``panels`` side by side of ``width`` x
+    ``height`` inches each."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width * panels, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def fidelity_realism_figure(report: Mapping):
     """The fidelity-vs-realism figure (a matplotlib ``Figure``, Agg canvas) of :func:`plot_fidelity_realism`.
 
@@ -114,14 +125,10 @@ def fidelity_realism_figure(report: Mapping):
     Raises:
       ValueError: nothing to plot (the message is :func:`plot_missing_reason`).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     xs, rows, why = _plot_axes(report)
     if why:
         raise ValueError(why)
-    fig = Figure(figsize=(5.6 * len(xs), 4.4), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = _new_figure(len(xs), 5.6, 4.4)
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     colours = [f"C{i % 10}" for i in range(len(datasets))]
     knob = report["model"].get("sweep") or "t"
@@ -196,14 +203,10 @@ def fidelity_t_figure(report: Mapping):
     Raises:
       ValueError: nothing to plot (the message is :func:`plot_t_missing_reason`).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     ys, sweep, why = _t_axes(report)
     if why:
         raise ValueError(why)
-    fig = Figure(figsize=(5.0 * len(ys), 4.0), dpi=110)
-    FigureCanvasAgg(fig)
+    fig = _new_figure(len(ys), 5.0, 4.0)
     datasets = list(dict.fromkeys(r["dataset"] for r in sweep))
     knob = report["model"].get("sweep") or "t"
     for k, y in enumerate(ys):
