@@ -116,13 +116,16 @@ def upscaled_lq(seed: int = 0, size: int = 16) -> np.ndarray:
     return infer.upscale_bicubic(rng.integers(0, 256, (size, size, 3)).astype(np.float32) / 255.0, 4)[None]
 
 
-def add_osediff_unet_adapters(unet, rank: int, suffix: str = "", activate: bool = True) -> dict[str, list[str]]:
+def add_osediff_unet_adapters(unet, rank: int, suffix: str = "", activate: bool = True,
+                              lists: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
     """Add OSEDiff's three UNet LoRA adapters ``default_{encoder,decoder,others}{suffix}`` (peft, gaussian init:
     B = 0) to a diffusers UNet, as the releases build them, made active when ``activate``; returns the target
-    lists ``{group: [module names]}`` (what the release pickles record)."""
+    lists ``{group: [module names]}`` (what the release pickles record). Pass the ``lists`` a first call returned
+    when adding a second set: the names read from a UNet that already has adapters are peft's wrapped layers."""
     import peft
 
-    lists = osediff_unet_groups([n for n, _ in unet.named_parameters()])
+    if lists is None:
+        lists = osediff_unet_groups([n for n, _ in unet.named_parameters()])
     names = []
     for g in ("encoder", "decoder", "others"):
         unet.add_adapter(peft.LoraConfig(r=rank, init_lora_weights="gaussian", target_modules=lists[g]),

@@ -73,7 +73,7 @@ def release(base, tmp_path_factory):
 
     unet = diffusers.UNet2DConditionModel.from_pretrained(base.path / "unet").eval()
     lists = add_osediff_unet_adapters(unet, rank=RANK, activate=False)
-    add_osediff_unet_adapters(unet, rank=RANK, suffix="_alignment", activate=False)
+    add_osediff_unet_adapters(unet, rank=RANK, suffix="_alignment", activate=False, lists=lists)
     _perturb(unet, 5, keep=lambda n: "alignment" not in n)
     # Stage 2 trains only the alignment adapters' attn2 layers; the others keep B = 0 (their gaussian A stays).
     _perturb(unet, 6, keep=lambda n: "alignment" in n and "attn2" in n)

@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 import jsr.methods
-from jsr.methods import rcod
+from jsr.methods import common, rcod
 from jsr.methods.export import read_source
 from jsr.methods.restorer import load_restorer
 from jsr.models import lora as L
@@ -238,8 +238,8 @@ def test_generator_loss_wiring(base, setup_, monkeypatch):
     monkeypatch.setattr(rcod.generator, "decode", decode)
     monkeypatch.setattr(rcod, "rcod_latent", latent_rec)
     monkeypatch.setattr(rcod, "vsd_timesteps", t_rec)
-    monkeypatch.setattr(rcod.losses, "vsd_loss", vsd_rec)
-    monkeypatch.setattr(rcod.losses, "fake_score_loss", fake_rec)
+    monkeypatch.setattr(common.losses, "vsd_loss", vsd_rec)
+    monkeypatch.setattr(common.losses, "fake_score_loss", fake_rec)
     # Pooled latents: sample 0's HQ is its LQ (cos 1 -> 249); sample 1's the LQ mirrored around 0.5 (cos -1 -> 749).
     lq = np.concatenate([_lq(0), _lq(1)])
     hq = np.stack([lq[0], 1 - lq[1]])

@@ -52,6 +52,13 @@ def register(method: Method | type[Method], *, replace: bool = False) -> Method:
     return method
 
 
+def unregister(name: str) -> None:
+    """Remove the method ``name`` (a no-op when it is not registered): for tests and notebooks that register a
+    throw-away method, which would otherwise stay a candidate of ``pick_method``'s automatic choice."""
+    with _LOCK:
+        _METHODS.pop(name, None)
+
+
 def _qualname(m: Method) -> str:
     return f"{type(m).__module__.rsplit('.', 1)[-1]}.{type(m).__qualname__}"
 
