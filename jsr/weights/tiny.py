@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import zlib
 from pathlib import Path
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from jsr.models.presets import preset
 
@@ -54,25 +57,37 @@ def write_tokenizer(folder: str | os.PathLike, max_length: int = 77) -> Path:
     return folder
 
 
-def _random_params(module, seed: int, std: float = 0.02):
-    # Flax's default inits, then every leaf perturbed: zero-initialised layers (biases, norms' shifts) would
-    # otherwise hide mistakes in whatever consumes the model. One compiled program: eager init would compile
-    # hundreds of tiny ones (and is no faster). The program runs once, so it is compiled without LLVM's
-    # optimisations: on a 2-core CPU (2026-11-30) the tiny UNet's took 58 s of CPU instead of ~3 min, the weights
-    # differing by at most 1.2e-7 (float rounding of the normal draws, as eager vs jitted init differ).
-    def make(key):
-        params = nn.meta.unbox(module.init(key, *module.example_inputs())["params"])
-        leaves, tree = jax.tree.flatten(params)
-        keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
-        return jax.tree.unflatten(tree, [x + std * jax.random.normal(k, x.shape, x.dtype)
-                                         for x, k in zip(leaves, keys)])
+def _random_params(module, seed: int, std: float = 0.02) -> dict:
+    """Seeded random parameters for ``module`` (a jsr Flax model with ``example_inputs()``), as numpy float32.
 
-    key = jax.random.key(seed)
-    return jax.jit(make).lower(key).compile(compiler_options=_RUN_ONCE_COMPILE)(key)
+    Flax's default initialisers, redrawn with numpy from the abstract parameter shapes: ``kernel`` lecun-normal
+    (std ``1/sqrt(fan_in)``, fan-in = every axis but the last), ``bias`` zeros, ``scale`` ones, anything else
+    (embedding tables) normal(0.02); then every leaf gets ``std`` of extra normal noise, so zero-initialised layers
+    (biases, norms' shifts) cannot hide mistakes in whatever consumes the model. Each leaf draws from its own
+    generator keyed by ``seed`` and its path, so adding a layer leaves every other leaf's values as they were.
 
+    Why not ``module.init`` compiled: the first command of a fresh install spends its time here. On the 2-core
+    machine (2026-11-30) compiling the tiny UNet's init took ~60 s of CPU even with LLVM's optimisations off;
+    ``jax.eval_shape`` traces it in ~3 s and numpy draws the few MB in milliseconds.
+    """
+    # The key is made inside the traced function: even jax.random.key(0) compiles a program when run eagerly.
+    shapes = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.key(0), *module.example_inputs())["params"]))
 
-# XLA options for a program that runs once: compile time is all its cost.
-_RUN_ONCE_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+    def draw(path, leaf):
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
+        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        shape, last = tuple(leaf.shape), str(getattr(path[-1], "key", path[-1]))
+        if last == "kernel":
+            base = rng.standard_normal(shape) / np.sqrt(max(1, int(np.prod(shape[:-1]))))
+        elif last == "bias":
+            base = np.zeros(shape)
+        elif last == "scale":
+            base = np.ones(shape)
+        else:
+            base = 0.02 * rng.standard_normal(shape)
+        return (base + std * rng.standard_normal(shape)).astype(leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, shapes)
 
 
 def write_tiny_sd(folder: str | os.PathLike, seed: int = 0, preset_name: str = "tiny") -> Path:
@@ -104,12 +119,20 @@ def write_tiny_sd(folder: str | os.PathLike, seed: int = 0, preset_name: str = "
         "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
         "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
         "feature_extractor": [None, None], "requires_safety_checker": False}, indent=2))
-    try:
-        tmp.rename(folder)  # atomic: a concurrent writer or a crash never leaves a half folder in place
-    except OSError:
-        if not (folder / "model_index.json").is_file():
-            raise
+    _publish(tmp, folder, "model_index.json")
     return folder
+
+
+def _publish(tmp: Path, folder: Path, marker: str) -> None:
+    """Move the finished ``tmp`` folder to ``folder`` atomically: a crash never leaves a half folder in place. When
+    a concurrent writer (another process of a multi-process run, another test worker) got there first, its copy
+    is kept and ours deleted; the same seed wrote the same bytes."""
+    try:
+        tmp.rename(folder)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (folder / marker).is_file():
+            raise
 
 
 # A CLIP ViT in miniature (RCOD's visual-prompt encoder on the tiny base): a 4 x 4 patch grid (17 tokens), width 48
@@ -133,11 +156,7 @@ def write_tiny_clip_vision(folder: str | os.PathLike, seed: int = 0) -> Path:
     module = CLIPVisionModel(CLIPVisionConfig.from_transformers(cfg))
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     save_clip_vision(module, _random_params(module, seed + 30), tmp)
-    try:
-        tmp.rename(folder)
-    except OSError:
-        if not (folder / WEIGHTS_NAME).is_file():
-            raise
+    _publish(tmp, folder, WEIGHTS_NAME)
     return folder
 
 
