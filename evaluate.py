@@ -36,6 +36,9 @@ _PROMPT = flags.DEFINE_string("prompt", "", "Text prompt of the UNet.")
 _DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Compute dtype (default bf16 on GPU/TPU, "
                            "f32 on CPU).")
 _ATTENTION = flags.DEFINE_string("attention", "auto", "Attention implementation (jsr.models.attention).")
+_DEVICES = flags.DEFINE_string("devices", "auto", "Local devices to restore on, data parallel (same-size images, "
+                               "or each call's tiles, split over them; the parameters replicated): auto = all of them "
+                               "on GPU/TPU, 1 on CPU; all; or a count.")
 _KNOBS = {k.name: flags.DEFINE_list(k.name, None, k.describe() + "; a comma list sweeps it.")
           for k in jsr.methods.all_knobs().values()}
 _COLOR_FIX = flags.DEFINE_enum("color_fix", "adain", ["adain", "wavelet", "none"], "Colour fix.")
@@ -117,6 +120,8 @@ def _setup():
     import jsr.eval as ev
     from jsr.eval.datasets import open_dataset
     from jsr.methods.restorer import check_options, load_restorer
+    from jsr.sr.data_parallel import describe as describe_devices
+    from jsr.sr.data_parallel import select_devices
     from jsr.sr.infer import RestoreOptions
 
     specs = [ev.parse_dataset(s) for s in _DATASET.value]
@@ -135,8 +140,10 @@ def _setup():
     print("\n".join(ev.weights_summary(suite)), file=sys.stderr, flush=True)
     restorer = None
     if not _NO_MODEL.value:
+        devices = select_devices(_DEVICES.value)
+        print(describe_devices(devices), file=sys.stderr, flush=True)
         restorer = load_restorer(_MODEL.value, _LORA.value, method=_METHOD.value, dtype=_DTYPE.value,
-                                 prompt=_PROMPT.value, attention_impl=_ATTENTION.value)
+                                 prompt=_PROMPT.value, attention_impl=_ATTENTION.value, devices=devices)
         if sweep is None:  # a knob with a default sweep (CTSR's t) that the model honours and nobody set
             method = jsr.methods.get(restorer.method)
             for k in method.knobs:
@@ -167,7 +174,7 @@ def main(argv):
         return 2
     meta = {name: flags.FLAGS[name].value for name in (
         "model", "lora", "method", "prompt", "dtype", "dataset", "compare", "max_images", "lpips", "dists",
-        "fid_inception", "niqe", "pyiqa", "crop_border", "fid_dims", "upscale")}
+        "fid_inception", "niqe", "pyiqa", "crop_border", "fid_dims", "upscale", "devices")}
     meta["knobs"] = {name: flag.value for name, flag in _KNOBS.items() if flag.value is not None}
     report = ev.evaluate(datasets, _OUT.value, restorer=restorer, suite=suite,
                          t_values=None if sweep is None else sweep[1], sweep_knob="t" if sweep is None else sweep[0],

@@ -9,7 +9,9 @@ knob the model does not honour is refused.
 
 Files: a folder contributes its image files (by extension, not recursive); a glob its matches; a file is taken
 as given. Each LQ is upscaled (bicubic, ``--upscale 4``) and restored by :class:`jsr.sr.infer.Restorer` (any
-size, tiled when large, colour-fixed). Same-size inputs are batched. Outputs go next to each input
+size, tiled when large, colour-fixed). Same-size inputs are batched, one image per device by default; with
+``--devices`` (default: every GPU/TPU, one CPU) each batch, or each call's tiles, is split over the devices
+(:mod:`jsr.sr.data_parallel`). Outputs go next to each input
 (``<stem><suffix>.<ext>``, suffix ``_sr``) or into ``--output``; an output name that would land on an input is
 changed (:func:`plan_outputs`), so inputs are never overwritten. Outputs carry ``jsr.infer`` in their EXIF
 ``Software`` tag (PNG, JPEG, WebP, TIFF); a folder or glob leaves out files with the suffix and that tag, so
@@ -39,6 +41,8 @@ import jsr.methods
 from jsr.cli import enable_compilation_cache, guard, report_user_error
 from jsr.methods.restorer import check_options, knob_overrides, load_restorer
 from jsr.sr import colorfix
+from jsr.sr.data_parallel import describe as describe_devices
+from jsr.sr.data_parallel import select_devices
 from jsr.sr.infer import Restorer, RestoreOptions, upscale_bicubic
 
 # Files are read and written by jsr.data.images (one reader for inference, training data and metrics); its names
@@ -313,6 +317,13 @@ def add_model_flags(p: argparse.ArgumentParser, g: Any, model_default: str | Non
     add_knob_flags(p)
 
 
+def add_devices_flag(g: Any) -> None:
+    """``--devices`` into group ``g`` (jsr.infer; evaluate.py has the same flag through absl)."""
+    g.add_argument("--devices", default="auto", metavar="auto|all|N",
+                   help="local devices to restore on, data parallel (each call's images or tiles split over them, the "
+                        "parameters replicated): auto = all of them on GPU/TPU, 1 on CPU (default); all; or a count")
+
+
 def add_tiling_flags(g: Any) -> None:
     """The tiling and memory flags (``--latent_tile`` ... ``--spill_dir``) into group ``g`` (jsr.infer, jsr.demo)."""
     g.add_argument("--latent_tile", "--latent-tile", type=int, default=96,
@@ -344,7 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--upscale", type=float, default=4.0, help="output size / input size (bicubic pre-upscale)")
     g.add_argument("--color_fix", "--color-fix", choices=colorfix.METHODS, default="adain")
     add_tiling_flags(g)
-    g.add_argument("--batch_size", "--batch-size", type=int, default=1, help="same-size images restored together")
+    g.add_argument("--batch_size", "--batch-size", type=int, default=None,
+                   help="same-size images restored together (default: one per device)")
+    add_devices_flag(g)
     g = p.add_argument_group("output")
     g.add_argument("--output", "-o", help="output folder (default: next to each input)")
     g.add_argument("--suffix", default="_sr", help="appended to each output's file stem (default _sr)")
@@ -370,6 +383,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               max_memory=args.max_memory, spill_dir=args.spill_dir)
         if args.upscale <= 0:
             raise ValueError(f"--upscale must be positive, got {args.upscale}")
+        if args.batch_size is not None and args.batch_size < 1:
+            raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
     except ValueError as e:
         return report_user_error(e)
     enable_compilation_cache()
@@ -387,13 +402,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         log("nothing to restore")
         return 0
     try:
+        devices = select_devices(args.devices)
+        log(describe_devices(devices))
         restorer = load_restorer(args.model, args.lora, method=args.method, dtype=args.dtype, prompt=args.prompt,
-                                 attention_impl=args.attention)
+                                 attention_impl=args.attention, devices=devices)
         check_options(restorer, opts)
     except (ValueError, FileNotFoundError, OSError) as e:
         return report_user_error(e)
+    batch_size = len(devices) if args.batch_size is None else args.batch_size
     report = restore(files, restorer, opts, output=args.output, suffix=args.suffix, ext=args.ext,
-                     upscale=args.upscale, batch_size=args.batch_size, skip_existing=args.skip_existing,
+                     upscale=args.upscale, batch_size=batch_size, skip_existing=args.skip_existing,
                      progress=not args.no_progress, log=log)
     n = len(report.done)
     per = f", {report.seconds / n:.2f} s/image" if n else ""

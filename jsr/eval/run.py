@@ -43,29 +43,33 @@ class _Entry:
 
 
 class _Timer:
-    """Seconds of each restorer call; a call at an input size not seen before includes compilation."""
+    """Seconds of each restorer call, shared equally by the images of the call; a call at an input shape (batch
+    included) not seen before includes compilation."""
 
     def __init__(self):
         self.seen: set[tuple[int, ...]] = set()
         self.first: float | None = None
         self.warm: list[float] = []
 
-    def call(self, restorer: Restorer, up: np.ndarray, opts: RestoreOptions) -> tuple[np.ndarray, dict]:
+    def call(self, restorer: Restorer, ups: np.ndarray, opts: RestoreOptions) -> tuple[np.ndarray, list[dict]]:
+        """Restore the same-size batch ``ups`` [n, H, W, 3]; returns the SR images and one timing row per image."""
         start = time.perf_counter()
-        sr = restorer(up[None], opts)[0]  # a host array: the device work is finished
+        sr = restorer(ups, opts)  # a host array: the device work is finished
         seconds = time.perf_counter() - start
-        compiled = up.shape not in self.seen
-        self.seen.add(up.shape)
+        per_image = seconds / len(ups)
+        compiled = ups.shape not in self.seen
+        self.seen.add(ups.shape)
         if self.first is None:
             self.first = seconds
         elif not compiled:
-            self.warm.append(seconds)
-        return sr, {"seconds": seconds, "includes_compile": compiled}
+            self.warm.extend([per_image] * len(ups))
+        return sr, [{"seconds": per_image, "includes_compile": compiled} for _ in range(len(ups))]
 
 
-def _sr_image(dataset: str, e: _Entry, img: EvalImage, up: np.ndarray, restorer: Restorer | None, timer: _Timer,
+def _sr_image(dataset: str, e: _Entry, img: EvalImage, restored: tuple[np.ndarray, dict] | None,
               suite: MetricSuite) -> np.ndarray:
-    """Produce (or read) entry ``e``'s 8-bit SR image of ``img``, save it, measure it, record its image row."""
+    """Entry ``e``'s 8-bit SR image of ``img`` (``restored``: the model's output and its timing row; ``None``
+    for a compare folder, read here): save it, measure it, record its image row."""
     row: dict[str, Any] = {"dataset": dataset, "method": e.method, "t": e.t, "name": img.name}
     if e.folder is not None:
         sr = e.folder.load(img.name)
@@ -74,7 +78,7 @@ def _sr_image(dataset: str, e: _Entry, img: EvalImage, up: np.ndarray, restorer:
                              f"its HQ {img.hq.shape[1]}x{img.hq.shape[0]}")
         row["sr_path"] = e.folder.paths[img.name]
     else:
-        sr, timing = timer.call(restorer, up, e.opts)
+        sr, timing = restored
         row.update(timing)
     sr = quantize_8bit(sr)
     if e.out is not None:
@@ -86,6 +90,24 @@ def _sr_image(dataset: str, e: _Entry, img: EvalImage, up: np.ndarray, restorer:
         e.feats.add(sr)
     e.images.append(row)
     return sr
+
+
+def _restore_chunk(chunk: Sequence[tuple[int, EvalImage, np.ndarray]], entries: Sequence[_Entry],
+                   restorer: Restorer | None, timer: _Timer) -> dict[tuple[int, int], tuple[np.ndarray, dict]]:
+    """The model's SR images of a chunk of ``(index, image, upscaled LQ)`` for every model entry, same-size
+    images restored in one call (what several devices split): ``{(entry, index): (sr, timing row)}``."""
+    by_shape: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+    for i, _, up in chunk:
+        by_shape.setdefault(up.shape, []).append((i, up))
+    out = {}
+    for k, e in enumerate(entries):
+        if e.folder is not None:
+            continue
+        for items in by_shape.values():
+            srs, timings = timer.call(restorer, np.stack([up for _, up in items]), e.opts)
+            for (i, _), sr, timing in zip(items, srs, timings):
+                out[(k, i)] = (sr, timing)
+    return out
 
 
 def _summary(dataset: str, e: _Entry, keys: Sequence[str], real: np.ndarray | None) -> dict:
@@ -115,7 +137,8 @@ def evaluate(datasets: Sequence[EvalDataset], out_dir: str | os.PathLike, *, res
              options: RestoreOptions = RestoreOptions(), label: str | None = None,
              compare: Sequence[tuple[str, str]] = (), upscale: float = 4.0, save_images: bool = True,
              num_samples: int = 4, sample_crop: int = 256, progress: bool = True,
-             log: Callable[[str], None] | None = None, meta: Mapping[str, Any] | None = None) -> dict:
+             log: Callable[[str], None] | None = None, meta: Mapping[str, Any] | None = None,
+             images_per_call: int | None = None) -> dict:
     """Run the model (at each ``t``) and the ``compare`` methods over every dataset and measure them.
 
     Each LQ ([h, w, 3] in [0, 1]) is upscaled (bicubic) to the HQ's size and restored; the SR image is rounded to
@@ -140,6 +163,10 @@ def evaluate(datasets: Sequence[EvalDataset], out_dir: str | os.PathLike, *, res
       num_samples, sample_crop: images per sample grid and the crop side in output pixels (0 images: no grid).
       progress: tqdm bars on stderr. log: message sink (stderr by default).
       meta: extra facts recorded under ``"config"`` in the report (the command line's flags).
+      images_per_call: consecutive images restored together where they have one size (default: one per device
+        of the restorer, :attr:`Restorer.devices`, so that several devices share the work; the rows' ``seconds``
+        are each image's share of its call). On one device per image the outputs equal a one-device run's bit
+        for bit (the per-device programs are the one-device program).
     Returns:
       the report (JSON-ready dict): ``rows`` (one per dataset x method x t, with means), ``images`` (one per image
       x method x t), ``columns``, ``skipped_metrics``, ``metric_weights`` (where each metric's weight files came
@@ -173,6 +200,8 @@ def evaluate(datasets: Sequence[EvalDataset], out_dir: str | os.PathLike, *, res
     image_rows: list[dict] = []
     timer = _Timer()
     sample_files: dict[str, str] = {}
+    devices = restorer.devices if restorer is not None else 1
+    per_call = max(1, int(images_per_call or devices))
 
     for ds in datasets:
         ds_dir = out / _slug(ds.name)
@@ -182,22 +211,30 @@ def evaluate(datasets: Sequence[EvalDataset], out_dir: str | os.PathLike, *, res
             entries.append(_Entry(model_label, t, None, opts, sub if save_images else None, suite, sweep_knob))
         hq_feats = suite.feature_buffer()
         samples: list[tuple[str, list[np.ndarray]]] = []
-        for i in tqdm(range(len(ds)), desc=ds.name, unit="img", disable=not progress, file=sys.stderr):
-            img = ds[i]
-            up = upscale_bicubic(img.lq, upscale)
-            if up.shape != img.hq.shape:  # check_inputs read the headers; the decoded images must agree
-                raise ValueError(f"dataset {ds.name}: {img.name}: LQ x{upscale:g} is {up.shape[1]}x{up.shape[0]}, "
-                                 f"its HQ {img.hq.shape[1]}x{img.hq.shape[0]}")
-            if not ds.spec.paired and save_images:
-                write_image(ds_dir / "LQ" / f"{img.name}.png", img.lq)
-                write_image(ds_dir / "HQ" / f"{img.name}.png", img.hq)
-            if hq_feats is not None:
-                hq_feats.add(img.hq)
-            srs = [_sr_image(ds.name, e, img, up, restorer, timer, suite) for e in entries]
-            if i < num_samples:
-                lq_big = Image.fromarray(np.round(img.lq * 255).astype(np.uint8)).resize(
-                    (up.shape[1], up.shape[0]), Image.NEAREST)  # LQ pixels as they are, at the output size
-                samples.append((img.name, [np.asarray(lq_big, np.float32) / 255.0] + srs + [img.hq]))
+        bar = tqdm(total=len(ds), desc=ds.name, unit="img", disable=not progress, file=sys.stderr)
+        for first in range(0, len(ds), per_call):
+            chunk = []
+            for i in range(first, min(first + per_call, len(ds))):
+                img = ds[i]
+                up = upscale_bicubic(img.lq, upscale)
+                if up.shape != img.hq.shape:  # check_inputs read the headers; the decoded images must agree
+                    raise ValueError(f"dataset {ds.name}: {img.name}: LQ x{upscale:g} is {up.shape[1]}x"
+                                     f"{up.shape[0]}, its HQ {img.hq.shape[1]}x{img.hq.shape[0]}")
+                if not ds.spec.paired and save_images:
+                    write_image(ds_dir / "LQ" / f"{img.name}.png", img.lq)
+                    write_image(ds_dir / "HQ" / f"{img.name}.png", img.hq)
+                if hq_feats is not None:
+                    hq_feats.add(img.hq)
+                chunk.append((i, img, up))
+            restored = _restore_chunk(chunk, entries, restorer, timer)
+            for i, img, up in chunk:
+                srs = [_sr_image(ds.name, e, img, restored.get((k, i)), suite) for k, e in enumerate(entries)]
+                if i < num_samples:
+                    lq_big = Image.fromarray(np.round(img.lq * 255).astype(np.uint8)).resize(
+                        (up.shape[1], up.shape[0]), Image.NEAREST)  # LQ pixels as they are, at the output size
+                    samples.append((img.name, [np.asarray(lq_big, np.float32) / 255.0] + srs + [img.hq]))
+                bar.update(1)
+        bar.close()
         real = hq_feats.features() if hq_feats is not None else None
         for e in entries:
             rows.append(_summary(ds.name, e, metric_keys, real))
@@ -225,9 +262,11 @@ def evaluate(datasets: Sequence[EvalDataset], out_dir: str | os.PathLike, *, res
         "timing": {"first_call_seconds": timer.first,
                    "seconds_per_image": float(np.mean(timer.warm)) if timer.warm else None,
                    "timed_calls": len(timer.warm), "backend": jax.default_backend(),
-                   "device": str(jax.devices()[0].device_kind),
-                   "note": "restorer calls only; calls at a new input size include compilation and are left out "
-                           "of seconds_per_image; first_call_seconds is the very first call"},
+                   "device": str(jax.devices()[0].device_kind), "devices": devices, "images_per_call": per_call,
+                   "note": "restorer calls only, each call's seconds shared by its images (up to images_per_call "
+                           "same-size images, split over the devices); calls at a new input size include "
+                           "compilation and are left out of seconds_per_image (timed_calls counts the images "
+                           "timed); first_call_seconds is the very first call"},
         "samples": sample_files,
         "rows": rows,
         "images": image_rows,

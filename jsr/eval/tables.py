@@ -72,9 +72,10 @@ def markdown_tables(report: Mapping) -> str:
     lines += ["", "## Timing", ""]
     if tm["first_call_seconds"] is not None:
         per = "—" if tm["seconds_per_image"] is None else f"{tm['seconds_per_image']:.3f} s"
-        lines.append(f"Per image (restorer call, compiled): {per} over {tm['timed_calls']} calls; first call "
-                     f"(with compilation): {tm['first_call_seconds']:.2f} s; device: {tm['device']} "
-                     f"({tm['backend']}).")
+        devices = tm.get("devices", 1)
+        on = f"{devices} x {tm['device']}" if devices > 1 else tm["device"]
+        lines.append(f"Per image (restorer call, compiled): {per} over {tm['timed_calls']} images; first call "
+                     f"(with compilation): {tm['first_call_seconds']:.2f} s; device: {on} ({tm['backend']}).")
     else:
         lines.append("No model was run.")
     notes = [f"- {r['dataset']} / {r['label']}: {k}: {v}"

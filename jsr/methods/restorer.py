@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 
 from jsr.methods import registry
@@ -26,6 +27,7 @@ from jsr.methods.api import Method, split_knobs
 from jsr.methods.export import Source, check_base, merge_sources, read_role, read_source
 from jsr.sr import generator as gen
 from jsr.sr.base import Base, load_base
+from jsr.sr.data_parallel import DataParallel
 from jsr.sr.infer import Restorer, RestoreOptions
 from jsr.sr.staged_tiling import TiledVAE
 
@@ -132,7 +134,7 @@ def jitted_context(method: Method) -> Callable:
 
 def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
                   *, method: str = AUTO, dtype: Any = None, prompt: str = "",
-                  attention_impl: str = "auto") -> Restorer:
+                  attention_impl: str = "auto", devices: Sequence[jax.Device] | None = None) -> Restorer:
     """A :class:`Restorer` from a base SD folder (or a loaded :class:`jsr.sr.base.Base`) and model files.
 
     Args:
@@ -144,6 +146,9 @@ def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Seq
       dtype: compute and parameter dtype (``"bfloat16"``, ``"float32"``); default bf16 on an accelerator, f32 on
         CPU. LoRA factors stay float32.
       prompt: the text condition (OSEDiff/PiSA-SR use tags from a tagging model; without one, ``""``).
+      devices: local devices to restore on (:func:`jsr.sr.data_parallel.select_devices`); with more than one,
+        every call's images or tiles are split over them and the parameters replicated on each
+        (:func:`_data_parallel_maps`). ``None`` or one device: JAX's default device.
     """
     if isinstance(model, Base):
         base = model
@@ -193,10 +198,70 @@ def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Seq
             z = z[..., :4]
         return forward(models, up, trees, z, cz, traced, static, x_lq)
 
+    dp = DataParallel(devices) if devices is not None and len(devices) > 1 else None
+    if dp is not None:
+        encode, latent, decode, context = _data_parallel_maps(dp, m, models, up, vp, vae_lora, trees, c, defaults)
     factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
     return Restorer(encode=encode, latent=latent, decode=decode, method=m.name, knobs=honoured, factor=factor,
-                    tiled_vae=TiledVAE(models, vp, vae_lora), knob_defaults=defaults, uses_image=m.uses_image,
-                    label=m.label, context=context if m.has_context() else None)
+                    tiled_vae=TiledVAE(models, vp, vae_lora, dp), knob_defaults=defaults, uses_image=m.uses_image,
+                    label=m.label, context=context if m.has_context() else None, devices=1 if dp is None else dp.size)
+
+
+def _data_parallel_maps(dp: DataParallel, m: Method, models: Any, unet_params: Any, vae_params: Any, vae_lora: Any,
+                        trees: Mapping[str, Any], c: Any, defaults: Mapping[str, Any]) -> tuple[Callable, ...]:
+    """``(encode, latent, decode, context)`` of :func:`load_restorer` split over ``dp``'s devices: the base, the
+    method's trees and the prompt replicated once; each call's batch (images, or a call's tiles) split by rows.
+    The latent step and the context compile once per set of static knobs (as the one-device jits do)."""
+    up, vp, lora, trees, c = dp.replicate((unet_params, vae_params, vae_lora, dict(trees), c))
+    enc = dp.map(lambda p, lo, x: gen.encode(models, p, x, lo), batched=(False, False, True))
+    dec = dp.map(lambda p, z: gen.decode(models, p, z), batched=(False, True))
+    programs: dict[tuple, Callable] = {}
+
+    def forward_program(static: Any, per_tile_context: bool) -> Callable:
+        key = ("forward", static, per_tile_context)
+        if key not in programs:
+            def step(params, trs, z, cz, traced, x_lq):
+                knobs = {**traced, **dict(static)}
+                if x_lq is None:
+                    return m.forward(models, params, trs, z, cz, knobs)
+                return m.forward(models, params, trs, z, cz, knobs, x_lq=x_lq)
+            programs[key] = dp.map(step, batched=(False, False, True, per_tile_context, False, True))
+        return programs[key]
+
+    def context_program(static: Any) -> Callable:
+        key = ("context", static)
+        if key not in programs:
+            programs[key] = dp.map(lambda trs, x, cc, traced: m.context(models, trs, x, cc,
+                                                                        {**traced, **dict(static)}),
+                                   batched=(False, True, False, False))
+        return programs[key]
+
+    def encode(x):
+        return enc(vp, lora, x)
+
+    def decode(z):
+        return dec(vp, z)
+
+    def context(x, opts: RestoreOptions):
+        traced, static = split_knobs(m, {**defaults, **opts.knobs})
+        return context_program(static)(trees, np.asarray(x), c, traced)
+
+    def latent(z, opts: RestoreOptions, ctx=None):
+        traced, static = split_knobs(m, {**defaults, **opts.knobs})
+        z = np.asarray(z)
+        cz = c
+        if ctx is not None:  # one context per image, repeated for each of its tiles in the call (as one device)
+            ctx = np.asarray(ctx)
+            cz = np.tile(ctx, (z.shape[0] // ctx.shape[0], 1, 1)) if ctx.shape[0] != z.shape[0] else ctx
+        x_lq = None
+        if m.uses_image:
+            f = int(round(((z.shape[-1] - 4) // 3) ** 0.5))
+            b, h, w, _ = z.shape
+            x_lq = z[..., 4:].reshape(b, h, w, f, f, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * f, w * f, 3)
+            z = z[..., :4]
+        return forward_program(static, ctx is not None)(up, trees, z, cz, traced, x_lq)
+
+    return encode, latent, decode, context
 
 
 def check_options(restorer: Restorer, opts: RestoreOptions) -> None:

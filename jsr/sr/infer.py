@@ -133,8 +133,8 @@ class MemoryPlan:
         carries in memory), ``spilled`` (the same, carries on disk), ``blended`` (tiles with their own
         statistics, Gaussian-blended: the fall-back when neither fits).
       host: estimated peak host memory; ``disk``: what spilling writes at most.
-      per_call: the largest tile call's input and output (what a device holds besides parameters and
-        temporaries).
+      per_call: the largest tile call's input and output on one device (what a device holds besides
+        parameters and temporaries; a call on several devices splits its tiles evenly).
       steps: progress steps (VAE stage calls, latent tiles).
       budget: ``max_memory`` (0: none); ``spill_dir``: where carries are spilled.
     """
@@ -160,7 +160,7 @@ class MemoryPlan:
             est += f" of the {self.budget / GB:.2f} GB budget" + (" (over it: the image's own buffers need that "
                                                                    "much)" if self.host > self.budget else "")
         parts.append(est)
-        parts.append(f"{self.per_call / 2**20:.0f} MB per tile call; {self.steps} steps")
+        parts.append(f"{self.per_call / 2**20:.0f} MB per tile call and device; {self.steps} steps")
         return "; ".join(parts)
 
 
@@ -181,7 +181,10 @@ class Restorer:
     the latent step also reads the LQ pixels (see the module docstring, step 4). ``label``: the model's name in
     tables (default: the method name). ``context``: ``(x [B, H, W, 3] in [-1, 1], options) -> ctx``, computed
     once on the whole (padded) images and passed to ``latent(z, options, ctx)`` for every tile (a method whose
-    cross-attention context comes from the image); ``None``: ``latent(z, options)``.
+    cross-attention context comes from the image); ``None``: ``latent(z, options)``. ``devices``: how many
+    devices the maps split each batch over (:mod:`jsr.sr.data_parallel`); ``tiles_per_call`` is then rounded up
+    to a multiple of it (:meth:`device_options`), so every device gets as many tiles per call as one device
+    would with the option as given.
     """
 
     encode: EncodeFn
@@ -195,6 +198,7 @@ class Restorer:
     uses_image: bool = False
     label: str = ""
     context: Callable[[Any, "RestoreOptions"], Any] | None = None
+    devices: int = 1
     # Caches, per instance: init=False so that dataclasses.replace (a restorer with another tiled_vae, say)
     # starts with empty ones instead of sharing plans made for the original.
     _sizes_seen: set = dataclasses.field(default_factory=set, init=False, repr=False, compare=False)
@@ -206,6 +210,7 @@ class Restorer:
         (float32, numpy). ``progress(n)`` is called as tiles and VAE stages complete (:attr:`MemoryPlan.steps`
         in all). A new size is announced with its plan (:meth:`plan`) before any work."""
         x_up = np.asarray(x_up, np.float32)
+        opts = self.device_options(opts)
         if x_up.ndim != 4 or x_up.shape[-1] != 3:
             raise ValueError(f"restorer wants NHWC RGB images [B, H, W, 3], got shape {x_up.shape}")
         padded, size = tiling.pad_to_multiple(x_up, max(self.factor, opts.pad_multiple))
@@ -245,7 +250,19 @@ class Restorer:
         np.clip(y, -1.0, 1.0, out=y)
         y += 1.0
         y /= 2.0
-        return np.asarray(colorfix.color_fix(y, x_up, opts.color_fix, clip=True), np.float32)
+        if len(y) == 1:
+            return np.asarray(colorfix.color_fix(y, x_up, opts.color_fix, clip=True), np.float32)
+        # Image by image: XLA's CPU reductions round differently at another batch size, and an image's colours
+        # should not depend on what it was batched with (or on how many devices split the batch).
+        return np.concatenate([np.asarray(colorfix.color_fix(y[i:i + 1], x_up[i:i + 1], opts.color_fix, clip=True),
+                                          np.float32) for i in range(len(y))])
+
+    def device_options(self, opts: RestoreOptions) -> RestoreOptions:
+        """``opts`` with ``tiles_per_call`` rounded up to a multiple of :attr:`devices` (a call's tiles are
+        split over the devices: 1 tile per call on 4 devices would leave 3 idle)."""
+        d = max(1, int(self.devices))
+        k = -(-max(1, opts.tiles_per_call) // d) * d
+        return opts if k == opts.tiles_per_call else dataclasses.replace(opts, tiles_per_call=k)
 
     def _vae_tiles(self, opts: RestoreOptions) -> tuple[int, int]:
         """The decoder's tile and overlap in latent pixels."""
@@ -258,10 +275,14 @@ class Restorer:
         else ``staged`` when its carries fit the budget beside the image buffers (or there is no budget),
         ``spilled`` when they do not and the spill folder has room, else ``blended``. Planned once per size and
         options (tracing the full VAE's stages takes seconds)."""
+        opts = self.device_options(opts)
         key = (tuple(int(v) for v in shape), opts.vae_tile, opts.vae_overlap, opts.latent_tile, opts.latent_overlap,
                opts.tiles_per_call, opts.max_memory, opts.spill_dir)
         if key not in self._plans:
-            self._plans[key] = self._plan(shape, opts)
+            plan = self._plan(shape, opts)
+            if self.devices > 1:  # a call's tiles are split evenly (tiles_per_call is a multiple of devices)
+                plan = dataclasses.replace(plan, per_call=plan.per_call // self.devices)
+            self._plans[key] = plan
         return self._plans[key]
 
     def plan_input(self, shape: Sequence[int], opts: RestoreOptions = RestoreOptions()) -> MemoryPlan:

@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsr.models.vae_stages import Stage
+from jsr.sr.data_parallel import DataParallel
 from jsr.sr.tiling import scaled, tile_starts
 
 
@@ -76,15 +77,20 @@ def _masked_moments(x: jax.Array, mask: jax.Array, groups: int) -> tuple[jax.Arr
     return count, mean, m2
 
 
-def _stage_call(stage: Stage, next_groups: int):
+def _stage_call(stage: Stage, next_groups: int, dp: DataParallel | None = None):
     """The jitted stage: ``(params, carry, mean, var, context, core_mask) -> (carry, moments of carry["x"] over
     the mask)`` (moments ``None`` when no GroupNorm follows). The carry is donated: it arrives from the host as a
     fresh buffer, and XLA may write the output over it (a stage whose output differs in shape cannot reuse it,
-    which JAX would warn about on every compile: not news here)."""
+    which JAX would warn about on every compile: not news here). With ``dp`` the windows of a call (carry, the
+    statistics tiled per window, the masks) are split over its devices; the gathered whole-image context is
+    replicated."""
     def call(params, carry, mean, var, context, mask):
         out = stage.fn(params, carry, mean, var, context)
         return out, (_masked_moments(out["x"], mask, next_groups) if next_groups else None)
-    jitted = jax.jit(call, donate_argnums=1)
+    if dp is None:
+        jitted = jax.jit(call, donate_argnums=1)
+    else:
+        jitted = dp.map(call, batched=(False, True, True, True, False, True), donate=(1,))
 
     def run(*args):
         with warnings.catch_warnings():
@@ -178,15 +184,18 @@ class StagedTiler:
     """Runs a list of stages tile by tile with whole-image GroupNorm statistics (see the module docstring).
 
     Build one per network, then call it on any image size. ``calls`` are the jitted stage programs
-    (``(params, carry, mean, var, context, core_mask) -> (carry, moments)``), cached on the tiler.
+    (``(params, carry, mean, var, context, core_mask) -> (carry, moments)``), cached on the tiler. With ``dp``
+    (:class:`jsr.sr.data_parallel.DataParallel`) the parameters are replicated on its devices once and every
+    call's windows are split over them.
     """
 
-    def __init__(self, stages: Sequence[Stage], params: Any):
+    def __init__(self, stages: Sequence[Stage], params: Any, dp: DataParallel | None = None):
         if not stages or stages[0].groups:
             raise ValueError("staged tiling needs stages whose first has no GroupNorm")
-        self.stages, self.params = list(stages), params
+        self.stages, self.dp = list(stages), dp
+        self.params = params if dp is None else dp.replicate(params)
         nxt = [s.groups for s in self.stages[1:]] + [0]
-        self.calls = [_stage_call(s, g) for s, g in zip(self.stages, nxt)]
+        self.calls = [_stage_call(s, g, dp) for s, g in zip(self.stages, nxt)]
 
     def _layout(self, shape: Sequence[int], tile: int, overlap: int, align: int, tiles_per_call: int):
         """``(windows, groups padded to k windows, real windows per group, k, th, tw)`` for an input ``shape``."""
@@ -297,7 +306,8 @@ class StagedTiler:
                     context = {}
                     for key in stage.gather:
                         parts = [functools.partial(store.pop, gi, key) for gi in range(len(groups))]
-                        context[key] = jax.device_put(_mosaic(parts, groups, real, b, h, w, stage.scale))
+                        mosaic = _mosaic(parts, groups, real, b, h, w, stage.scale)
+                        context[key] = jax.device_put(mosaic) if self.dp is None else self.dp.replicate(mosaic)
             parts = [functools.partial(store.get, gi, "x") for gi in range(len(groups))]
             return _mosaic(parts, groups, real, b, h, w, self.stages[-1].scale, np.float32)
         finally:
@@ -346,16 +356,17 @@ class TiledVAE:
 
     The encoder LoRA (OSEDiff's) is folded into the encoder's weights once (``jsr.models.lora.merge``): in float32
     that equals the LoRA branch to rounding; with bf16 parameters the merged kernel is rounded to bf16 once.
+    ``dp``: run every stage call's windows split over these devices (:mod:`jsr.sr.data_parallel`).
     """
 
-    def __init__(self, models: Any, vae_params: Any, vae_lora: Any = None):
+    def __init__(self, models: Any, vae_params: Any, vae_lora: Any = None, dp: DataParallel | None = None):
         from jsr.models import lora as lora_lib
         from jsr.models.vae_stages import decoder_stages, encoder_stages
 
         vae = models.vae
         enc_params = vae_params if vae_lora is None else lora_lib.merge(vae_params, vae_lora)
-        self._encoder = StagedTiler(encoder_stages(vae), enc_params)
-        self._decoder = StagedTiler(decoder_stages(vae), vae_params)
+        self._encoder = StagedTiler(encoder_stages(vae), enc_params, dp)
+        self._decoder = StagedTiler(decoder_stages(vae), vae_params, dp)
         self.scaling_factor = float(models.scaling_factor)
         self.latent_channels = vae.config.latent_channels
         self.factor = 2 ** (len(vae.config.block_out_channels) - 1)
