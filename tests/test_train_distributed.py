@@ -1,8 +1,11 @@
 """How a process learns its place in a multi-process job (train.py flags beside the environment), the one-line
 errors for a job described wrongly, and the single-process behaviour of the cross-process helpers. The
 multi-process runs themselves are in tests/test_multihost.py (-m slow)."""
+import itertools
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -60,3 +63,71 @@ def test_single_process_helpers():
     assert D.gather_json({"next_index": 3}) == [{"next_index": 3}]
     D.barrier("nothing to wait for")
     assert jax.process_count() == 1
+
+
+class _Store:
+    """A stand-in for the coordination service's key-value store (what PeerWatch uses of jaxlib's client); a
+    process's counter moves when ``tick`` is called, and ``down`` makes every call fail as a dead coordinator's."""
+
+    def __init__(self):
+        self.values, self.down = {}, False
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if self.down:
+            raise RuntimeError("UNAVAILABLE: Failed to send RPC to coordination service")
+        self.values[key] = value
+
+    def key_value_try_get(self, key):
+        if self.down:
+            raise RuntimeError("UNAVAILABLE: Failed to send RPC to coordination service")
+        if key not in self.values:
+            raise RuntimeError(f"NOT_FOUND: {key}")
+        return self.values[key]
+
+
+def _watch(store, timeout=0.4):
+    exits = []
+    w = D.PeerWatch(store, 0, 3, timeout, interval_s=0.02, exit_fn=exits.append)
+    return w, exits
+
+
+@pytest.mark.parametrize("case", ["dead", "failed", "coordinator"])
+def test_peer_watch_names_the_peer_that_stopped(case):
+    """Process 1's counter stops (killed), or it says it failed, or the store itself is gone: the watch of process
+    0 ends it with one line and status 2, within the timeout; process 2 keeps beating, then ends normally."""
+    store = _Store()
+    w, exits = _watch(store)
+    threading.Thread.start(w)  # the thread only: no atexit/excepthook for a test
+    beat = itertools.count()
+    start = time.monotonic()
+    while w.is_alive() and time.monotonic() - start < 5:
+        store.values["jsr/alive/2"] = str(next(beat))
+        if case == "dead" and time.monotonic() - start < 0.2:
+            store.values["jsr/alive/1"] = str(next(beat))
+        if case == "failed":
+            store.values["jsr/alive/1"] = "failed"
+        if case == "coordinator" and time.monotonic() - start > 0.2:
+            store.down = True
+        time.sleep(0.01)
+    took = time.monotonic() - start
+    w.join(1)
+    assert exits == [2]
+    assert w.message == {"dead": "process 1 of 3 stopped responding (no heartbeat for 0 s); this process stops too",
+                         "failed": "process 1 of 3 failed (its log says why); this process stops too",
+                         "coordinator": "process 0 of 3 (the coordinator) stopped responding (no answer for 0 s); "
+                                        "this process stops too"}[case]
+    assert took < {"dead": 0.2 + 0.4 + 0.3, "failed": 0.3, "coordinator": 0.2 + 0.4 + 0.3}[case]
+
+
+def test_peer_watch_ignores_a_peer_that_ended():
+    """A peer that ended normally ('exit') is not taken for dead, however long this process goes on; this
+    process's own finish() writes 'exit' and stops its watch."""
+    store = _Store()
+    store.values.update({"jsr/alive/1": "exit", "jsr/alive/2": "exit"})
+    w, exits = _watch(store, timeout=0.1)
+    threading.Thread.start(w)
+    time.sleep(0.4)
+    w.finish()
+    w.join(1)
+    assert not w.is_alive() and exits == [] and store.values["jsr/alive/0"] == "exit"
+    assert D.jax_heartbeat_timeout(100) == 150 and D.jax_heartbeat_timeout(10) == 20  # JAX's abort comes later

@@ -8,10 +8,24 @@ touches a device. Where the processes come from:
   from ``train.py``'s ``--coordinator_address/--num_processes/--process_id`` or the environment variables
   ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` (flags win).
 
-A process that dies (killed, out of memory, a crashed host) stops the others: JAX's distributed runtime notices
-its missing heartbeats within ``heartbeat_timeout`` seconds and ends every other process with "Terminating process
-because the JAX distributed service detected fatal errors ... another task died" (exit status 134, SIGABRT), so a
-job never hangs on a lost peer.
+A process that dies (killed, out of memory, a crashed host) stops the others within ``heartbeat_timeout``
+seconds, each with one line and exit status 2: ``error: process 1 of 2 stopped responding (no heartbeat for 30 s);
+this process stops too`` (:class:`PeerWatch`). Why jsr keeps its own heartbeat: JAX's distributed runtime also
+notices a dead peer, but it then ends every other process from C++ (``LOG(QFATAL)``, "Terminating process because
+the JAX distributed service detected fatal errors ... another task died", exit status 134), which Python cannot
+intercept. Its hook for that moment (``missed_heartbeat_callback`` of jaxlib's client, which
+``jax.distributed.initialize`` does not expose) cannot call Python either in jaxlib 0.10.2: the status argument has
+no Python type, so the call dies in ``std::bad_cast`` (tried, same exit status). So each process writes a counter
+to the coordinator's key-value store every few seconds, a thread watches the others' counters, and JAX's own
+timeout is set longer (:func:`jax_heartbeat_timeout`) as the backstop should the watching thread be starved: then
+the job still stops, with JAX's abort. A process that ends normally says so first, so that its peers do not take
+its silence for death; one that ends with an uncaught exception tells them it failed, and they stop at once
+(``process 1 of 2 failed (its log says why)``) instead of waiting in a collective for it.
+
+What Python cannot catch: when process 0 (the coordinator, whose key-value store and heartbeat service die with
+it) is killed, the other processes' JAX agents fail their next poll of the service at once (connection reset)
+and abort from C++ within a second ("Terminating process because the JAX distributed service detected fatal
+errors ... Failed to send RPC to coordination service", exit status 134): bounded, but JAX's text, not jsr's.
 
 Each process compiles its programs itself. (JAX can compile once and send the binary to the others,
 ``jax_share_binary_between_hosts``, but on CPU its cache keys differ between processes (jax 0.10.2): process 1
@@ -34,6 +48,9 @@ import dataclasses
 import itertools
 import json
 import os
+import sys
+import threading
+import time
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -138,12 +155,136 @@ def initialize(cluster: Cluster | None = None, multihost: bool | None = None,
                              f"--{' --'.join(missing)} or ${' $'.join(ENV[k] for k in missing)})")
     jax.distributed.initialize(coordinator_address=cluster.coordinator_address,
                                num_processes=cluster.num_processes, process_id=cluster.process_id,
-                               heartbeat_timeout_seconds=cluster.heartbeat_timeout,
+                               heartbeat_timeout_seconds=jax_heartbeat_timeout(cluster.heartbeat_timeout),
                                initialization_timeout=cluster.init_timeout)
     logging.info("distributed: process %d of %d (coordinator %s), %d of %d devices here", jax.process_index(),
                  jax.process_count(), cluster.coordinator_address or "auto-detected", jax.local_device_count(),
                  jax.device_count())
+    if jax.process_count() > 1:
+        from jax._src import distributed as jax_distributed  # the client JAX joined with
+
+        PeerWatch(jax_distributed.global_state.client, jax.process_index(), jax.process_count(),
+                  cluster.heartbeat_timeout).start()
     return True
+
+
+def jax_heartbeat_timeout(timeout_s: int) -> int:
+    """JAX's own heartbeat timeout for jsr's ``timeout_s``: later, so that :class:`PeerWatch` reports a dead peer
+    first and JAX's C++ abort only backs it up."""
+    return int(timeout_s) + max(10, int(timeout_s) // 2)
+
+
+class PeerWatch(threading.Thread):
+    """Ends this process (one ``error:`` line on stderr, exit status 2) when another process of the job stops
+    responding for ``timeout_s`` seconds; see the module docstring for why JAX's own heartbeat is not enough.
+
+    Every ``interval_s`` (default: a tenth of the timeout, 1 to 10 s) the thread writes this process's counter to
+    the coordination service's key-value store and reads every other process's: a counter that has not moved for
+    ``timeout_s`` (by this process's clock: no clocks are compared) means that process is dead or hung; the store
+    itself failing for ``timeout_s`` means the coordinator, process 0, is gone. A process that ends normally
+    writes ``exit`` first (:meth:`finish`, run at interpreter exit); its peers then stop watching it. An uncaught
+    exception writes ``failed`` (:meth:`failed`, from ``sys.excepthook``): the peers stop with a line naming it.
+    ``exit_fn`` ends the process (``os._exit``: other threads may be blocked in a collective on the
+    dead peer; tests pass their own).
+    """
+
+    KEY = "jsr/alive/{}"
+
+    def __init__(self, client: Any, process_id: int, num_processes: int, timeout_s: float,
+                 interval_s: float | None = None, exit_fn: Any = None):
+        super().__init__(name="jsr-peer-watch", daemon=True)
+        self.client, self.process_id, self.num_processes = client, int(process_id), int(num_processes)
+        self.timeout_s = float(timeout_s)
+        self.interval_s = float(interval_s) if interval_s else min(10.0, max(1.0, self.timeout_s / 10))
+        self.exit_fn = exit_fn or os._exit
+        self._stop_event = threading.Event()
+        self.message: str | None = None
+
+    def start(self) -> None:
+        import atexit
+
+        atexit.register(self.finish)  # after jax's own atexit shutdown is registered: runs before it
+        previous = sys.excepthook
+
+        def hook(kind, error, tb):
+            self.failed(error)
+            previous(kind, error, tb)
+        sys.excepthook = hook
+        super().start()
+
+    def _tell(self, value: str) -> None:
+        try:
+            self.client.key_value_set(self.KEY.format(self.process_id), value, allow_overwrite=True)
+        except Exception:  # noqa: BLE001 - the coordinator may be gone already; nothing left to tell
+            pass
+
+    def finish(self) -> None:
+        """Stop watching and tell the others this process ended on purpose (unless :meth:`failed` said
+        otherwise)."""
+        if not self._stop_event.is_set():
+            self._stop_event.set()
+            self._tell("exit")
+
+    def failed(self, error: BaseException) -> None:
+        """This process ends with an uncaught exception. A JAX runtime error is often a collective that lost a
+        peer: the watch first gets the time to name the dead peer (and exit 2 with its line). Then the others are
+        told this process failed, so they stop at once instead of waiting in a collective."""
+        if isinstance(error, jax.errors.JaxRuntimeError) and self.is_alive():
+            self.join(self.timeout_s + 2 * self.interval_s)
+        self._stop_event.set()
+        self._tell("failed")
+
+    def _die(self, message: str) -> None:
+        self.message = message
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        self.exit_fn(2)
+
+    def run(self) -> None:
+        peers = [p for p in range(self.num_processes) if p != self.process_id]
+        seen: dict[int, str | None] = {p: None for p in peers}
+        moved = {p: time.monotonic() for p in peers}
+        done: set[int] = set()
+        store_ok = time.monotonic()
+        count = 0
+        while not self._stop_event.is_set():
+            count += 1
+            now = time.monotonic()
+            try:
+                self.client.key_value_set(self.KEY.format(self.process_id), str(count), allow_overwrite=True)
+                values = {}
+                for p in peers:
+                    if p in done:
+                        continue
+                    try:
+                        values[p] = self.client.key_value_try_get(self.KEY.format(p))
+                    except Exception as e:  # noqa: BLE001 - not written yet (NOT_FOUND); other errors re-raise
+                        if "NOT_FOUND" not in str(e) and "not found" not in str(e).lower():
+                            raise
+                store_ok = now
+            except Exception:  # noqa: BLE001 - the store is unreachable: the coordinator may be gone
+                if self._stop_event.is_set():
+                    return
+                if now - store_ok > self.timeout_s:
+                    self._die(f"process 0 of {self.num_processes} (the coordinator) stopped responding (no answer "
+                              f"for {self.timeout_s:.0f} s); this process stops too")
+                    return
+                self._stop_event.wait(self.interval_s)
+                continue
+            for p, value in values.items():
+                if value == "exit":
+                    done.add(p)
+                elif value == "failed":
+                    self._die(f"process {p} of {self.num_processes} failed (its log says why); this process "
+                              "stops too")
+                    return
+                elif value != seen[p]:
+                    seen[p], moved[p] = value, now
+            for p in peers:
+                if p not in done and now - moved[p] > self.timeout_s:
+                    self._die(f"process {p} of {self.num_processes} stopped responding (no heartbeat for "
+                              f"{self.timeout_s:.0f} s); this process stops too")
+                    return
+            self._stop_event.wait(self.interval_s)
 
 
 _BARRIERS = itertools.count()
