@@ -101,6 +101,7 @@ def export_one(key: str, target: str, bases: dict, files: dict, args, xla_flops:
     """One row: build ``key`` for ``target`` and export it; when that fails, once more with the XLA attention
     path in place of cuDNN / Pallas splash (``attention_fallback``; the first error stays in ``first_error``)."""
     from jsr.train import programs as P
+    from jsr.train.loop import remat_setting, with_remat
 
     platform, sizes = TARGETS[target]
     config = program_config(key, files, args.size, args.preset)
@@ -110,18 +111,18 @@ def export_one(key: str, target: str, bases: dict, files: dict, args, xla_flops:
     row: dict[str, Any] = {"program": key, "target": target, "platform": platform,
                            "mesh": dict(zip(("data", "fsdp", "tensor"), sizes)), "config_batch": config_batch,
                            "batch": batch, "size": int(config.data.crop_size), "dtype": config.model.dtype,
-                           "param_dtype": config.model.param_dtype, "remat": bool(config.model.remat),
-                           "attention": config.model.attention}
-    key_b = (config.model.attention, config.model.dtype, config.model.param_dtype, bool(config.model.remat))
+                           "param_dtype": config.model.param_dtype, "remat": remat_setting(config)[0],
+                           "remat_policy": remat_setting(config)[1], "attention": config.model.attention}
+    key_b = (config.model.attention, config.model.dtype, config.model.param_dtype, remat_setting(config))
     program = None
     try:
         t0 = time.perf_counter()
         if key_b not in bases:
             bases.clear()  # one base at a time
-            bases[key_b] = P.abstract_base(args.preset, dtype=jnp.dtype(config.model.dtype),
-                                           param_dtype=jnp.dtype(config.model.param_dtype),
-                                           attention=config.model.attention, remat=bool(config.model.remat),
-                                           folder=files["base"])
+            bases[key_b] = with_remat(P.abstract_base(args.preset, dtype=jnp.dtype(config.model.dtype),
+                                                      param_dtype=jnp.dtype(config.model.param_dtype),
+                                                      attention=config.model.attention, folder=files["base"]),
+                                      *remat_setting(config))
         program = P.build_program(config, bases[key_b], P.abstract_mesh(*sizes), PROGRAMS[key][2], batch)
         row.update(build_s=time.perf_counter() - t0, groups=program.groups, device_bytes=program.device_bytes(),
                    global_bytes=program.global_bytes())

@@ -92,7 +92,7 @@ def _config(key: str, args: argparse.Namespace, model_dir: Path, stage1_dir: Pat
     c = importlib.import_module(f"configs.{module}").get_config(variant)
     c.model.path = str(model_dir)
     c.model.dtype = c.model.param_dtype = args.dtype
-    c.model.remat = args.remat
+    c.model.remat = "blocks" if args.remat else "none"
     c.model.attention = args.attention
     c.data.batch_size = args.batch
     c.data.crop_size = args.size

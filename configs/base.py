@@ -22,8 +22,10 @@ def get_config(method: str = "osediff") -> ml_collections.ConfigDict:
     c.multihost = ml_collections.config_dict.placeholder(bool)  # None: decide from the environment
 
     # The frozen base: a diffusers SD folder ("" = the embedded tiny random model, no weights needed).
+    # remat: none | blocks | full, remat_policy: a jax.checkpoint_policies name (jsr.models.remat; README).
     c.model = ml_collections.ConfigDict(dict(
-        path="", dtype="bfloat16", param_dtype="bfloat16", attention="auto", remat=True, tiny_seed=0))
+        path="", dtype="bfloat16", param_dtype="bfloat16", attention="auto", remat="blocks",
+        remat_policy="nothing_saveable", tiny_seed=0))
 
     c.negative_prompt = DEFAULT_NEGATIVE_PROMPT
     c.loss = ml_collections.ConfigDict(dict(
@@ -64,7 +66,7 @@ def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.model.path = ""
     c.model.dtype = "float32"
     c.model.param_dtype = "float32"
-    c.model.remat = False
+    c.model.remat = "none"
     c.total_steps = 6
     c.data.source = "synthetic"
     c.data.synthetic_images = 32

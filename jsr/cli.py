@@ -53,12 +53,13 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from jsr.data.images import BadImageError
     from jsr.data.pipeline import DataStarvationError
     from jsr.models.lora import LoRAMismatchError
+    from jsr.models.remat import RematConfigError
     from jsr.weights.convert import CheckpointMismatchError
     from jsr.weights.io import CorruptFileError
     from jsr.weights.peft import PeftFormatError
 
     return (CorruptFileError, CheckpointMismatchError, PeftFormatError, LoRAMismatchError, BadImageError,
-            DataStarvationError, FileNotFoundError)
+            DataStarvationError, FileNotFoundError, RematConfigError)
 
 
 def one_line(error: BaseException) -> str:

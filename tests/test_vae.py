@@ -270,13 +270,10 @@ def test_lora_on_the_decoder_upsampler_conv(tiny):
     assert _rel(with_lora, _decode(module, params, z)) > 1e-2
 
 
-def test_remat_and_bf16(tiny):
+def test_bf16(tiny):
+    # Rematerialisation (gradients, memory, parameter names) is tested in tests/test_remat.py.
     _, module, params, _ = tiny
     x = _images(1, 32, 32, 3, seed=9)
-    loss = lambda m: (lambda p: jnp.mean(m.apply({"params": p}, x, method="encode")[0] ** 2))
-    g_plain = jax.jit(jax.grad(loss(module)))(params)
-    g_remat = jax.jit(jax.grad(loss(module.clone(remat=True))))(params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g_remat, g_plain)
     # bf16 compute over float32 parameters: ~3 significant digits.
     mean32, _ = _encode(module, params, x)
     mean16, _ = _encode(module.clone(dtype=jnp.bfloat16), params, x)

@@ -33,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jsr.models import constraints
+from jsr.models import remat as remat_lib
 from jsr.models.layers import Conv, GroupNorm
 from jsr.models.lora import module_name
 from jsr.models.unet_blocks import (ACTIVATIONS, ATTENTION_MAPS, ATTENTION_PATH_LISTS, AttentionCapture,
@@ -298,15 +300,18 @@ class UNet2DConditionModel(nn.Module):
       dtype: compute dtype (bf16 on accelerators; parameters may stay float32). Norm statistics, softmax and the
         timestep embedding are float32 always.
       attention_impl: ``jsr.models.attention`` implementation name (``auto`` picks per backend and length).
-      remat: recompute each ResNet and Transformer2D block in the backward pass (gradient checkpointing).
+      remat: gradient checkpointing in training (``jsr.models.remat``): ``"none"``, ``"blocks"`` (each
+        down/mid/up block one checkpoint; ``True`` means this), ``"full"`` (the whole forward one checkpoint).
+        Parameter names and forward values are the same in every mode.
+      remat_policy: a ``jax.checkpoint_policies`` name (``None``: save nothing, recompute all).
     """
 
     config: UNetConfig
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
-    remat: bool = False
+    remat: bool | str = False
+    remat_policy: str | None = None
 
-    @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array, *,
                  conv_in_modulation: tuple[jax.Array, jax.Array] | None = None,
                  capture_attention: Sequence[str] | None = None) -> jax.Array:
@@ -335,6 +340,20 @@ class UNet2DConditionModel(nn.Module):
         Returns:
           [B, H, W, out_channels] prediction (noise or v) in ``dtype``.
         """
+        # Hashable, as the static argument of the "full" checkpoint must be.
+        capture = tuple(capture_attention) if isinstance(capture_attention, list) else capture_attention
+        if remat_lib.remat_mode(self.remat) == "full":
+            # One checkpoint around the whole body: a lifted transform of the compact method keeps every
+            # parameter's name. The capture patterns are static (strings).
+            body = nn.remat(UNet2DConditionModel._forward, policy=remat_lib.checkpoint_policy(self.remat_policy),
+                            static_argnums=(5,))
+            return body(self, sample, timesteps, encoder_hidden_states, conv_in_modulation, capture)
+        return self._forward(sample, timesteps, encoder_hidden_states, conv_in_modulation, capture)
+
+    @nn.compact
+    def _forward(self, sample: jax.Array, timesteps: jax.Array | float, encoder_hidden_states: jax.Array,
+                 conv_in_modulation: tuple[jax.Array, jax.Array] | None,
+                 capture_attention: str | tuple[str, ...] | None) -> jax.Array:
         cfg = self.config
         dt = self.dtype
         b = sample.shape[0]
@@ -358,6 +377,7 @@ class UNet2DConditionModel(nn.Module):
                  dtype=dt, name="conv_in")(x)
         if conv_in_modulation is not None:
             x = _modulate(x, conv_in_modulation)
+        x = constraints.image(x)
 
         capture = None
         if capture_attention is not None:
@@ -365,25 +385,33 @@ class UNet2DConditionModel(nn.Module):
             capture = AttentionCapture(_capture_patterns(capture_attention, cfg), root_depth=len(self.path))
         common = dict(groups=cfg.norm_num_groups, eps=cfg.norm_eps, act_fn=cfg.act_fn,
                       use_linear_projection=cfg.use_linear_projection, dtype=dt,
-                      attention_impl=self.attention_impl, remat=self.remat, capture=capture)
+                      attention_impl=self.attention_impl, capture=capture)
+        # "blocks": each down/mid/up block is one checkpoint; its input (and the skips, kept for the up blocks
+        # anyway) is what the backward pass keeps. UpBlock2D's upsample size (arg 5) is static.
+        blocks = remat_lib.remat_mode(self.remat) == "blocks"
+        down_block, mid_block, up_block = (
+            remat_lib.checkpointed(cls, blocks, self.remat_policy, static)
+            for cls, static in ((DownBlock2D, ()), (MidBlock2DCrossAttn, ()), (UpBlock2D, (5,))))
         n = len(cfg.block_out_channels)
         skips: list[jax.Array] = [x]
         for i, kind in enumerate(cfg.down_block_types):
-            x, s = DownBlock2D(
+            x, s = down_block(
                 cfg.block_out_channels[i], cfg.layers_per_block[i], has_attention=kind == "CrossAttnDownBlock2D",
                 heads=cfg.heads[i], transformer_layers=cfg.transformer_layers_per_block[i],
                 only_cross_attention=cfg.only_cross_attention[i], add_downsample=i < n - 1,
                 downsample_padding=cfg.downsample_padding, name=f"down_blocks_{i}", **common)(x, temb, context)
-            skips.extend(s)
+            x = constraints.image(x)
+            skips.extend(constraints.image(h) for h in s)
 
         if cfg.mid_block_type is not None:
-            x = MidBlock2DCrossAttn(
+            x = mid_block(
                 cfg.block_out_channels[-1], 1, heads=cfg.heads[-1],
                 transformer_layers=cfg.transformer_layers_per_block[-1],
                 # diffusers' UNetMidBlock2DCrossAttn never uses only_cross_attention (only its SimpleCrossAttn
                 # mid block reads mid_block_only_cross_attention).
                 only_cross_attention=False,
                 output_scale_factor=cfg.mid_block_scale_factor, name="mid_block", **common)(x, temb, context)
+            x = constraints.image(x)
 
         rev = lambda seq: tuple(reversed(seq))
         channels, heads, layers = rev(cfg.block_out_channels), rev(cfg.heads), rev(cfg.layers_per_block)
@@ -395,10 +423,11 @@ class UNet2DConditionModel(nn.Module):
             # Upsample to the next skip's size: x2 for sizes divisible by 2**(n-1), PyTorch's nearest otherwise
             # (diffusers' forward_upsample_size).
             size = None if last else tuple(skips[-1].shape[1:3])
-            x = UpBlock2D(
+            x = up_block(
                 channels[i], count, has_attention=kind == "CrossAttnUpBlock2D", heads=heads[i],
                 transformer_layers=t_layers[i], only_cross_attention=only_cross[i], add_upsample=not last,
-                name=f"up_blocks_{i}", **common)(x, block_skips, temb, context, size)
+                name=f"up_blocks_{i}", **common)(x, tuple(block_skips), temb, context, size)
+            x = constraints.image(x)
 
         x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, dtype=dt, name="conv_norm_out")(x)
         x = ACTIVATIONS[cfg.act_fn](x)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsr.models import constraints
 from jsr.models.attention import attention_with_probs, dot_product_attention
 from jsr.models.layers import Conv, Dense, GroupNorm, LayerNorm
 from jsr.models.lora import module_name
@@ -199,15 +200,15 @@ class Attention(nn.Module):
                                   name=name)
         b, lq, _ = x.shape
         lk = context.shape[1]
-        q = proj("to_q")(x).reshape(b, lq, self.heads, self.head_dim)
-        k = proj("to_k")(context).reshape(b, lk, self.heads, self.head_dim)
-        v = proj("to_v")(context).reshape(b, lk, self.heads, self.head_dim)
+        q = constraints.heads(proj("to_q")(x).reshape(b, lq, self.heads, self.head_dim))
+        k = constraints.heads(proj("to_k")(context).reshape(b, lk, self.heads, self.head_dim))
+        v = constraints.heads(proj("to_v")(context).reshape(b, lk, self.heads, self.head_dim))
         if self.capture is not None and self.capture.selects(self.path):
             out, probs = attention_with_probs(q, k, v)
             self.sow(ATTENTION_MAPS, "probs", jnp.mean(probs, axis=1))
         else:
             out = dot_product_attention(q, k, v, impl=self.attention_impl)
-        out = out.reshape(b, lq, inner)
+        out = constraints.heads(out).reshape(b, lq, inner)
         return Dense(x.shape[-1], dtype=self.dtype, kernel_axes=("heads", "embed"), name="to_out_0")(out)
 
 
@@ -307,13 +308,9 @@ class Transformer2DModel(nn.Module):
         return h + x.astype(h.dtype)
 
 
-def _maybe_remat(cls: type[nn.Module], remat: bool) -> type[nn.Module]:
-    # Blocks take only arrays, so no static argnums are needed.
-    return nn.remat(cls) if remat else cls
-
-
 class _BlockBase(nn.Module):
-    """Fields every down/mid/up block shares (see ``jsr.models.unet.UNetConfig`` for their meaning)."""
+    """Fields every down/mid/up block shares (see ``jsr.models.unet.UNetConfig`` for their meaning).
+    Rematerialisation wraps whole blocks (``jsr.models.unet``, ``jsr.models.remat``)."""
 
     out_channels: int
     num_layers: int
@@ -327,17 +324,16 @@ class _BlockBase(nn.Module):
     only_cross_attention: bool = False
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
-    remat: bool = False
     capture: AttentionCapture | None = None
 
     def resnet(self, name: str, scale: float = 1.0) -> nn.Module:
-        return _maybe_remat(ResnetBlock2D, self.remat)(self.out_channels, self.groups, self.eps, self.act_fn,
-                                                       scale, dtype=self.dtype, name=name)
+        return ResnetBlock2D(self.out_channels, self.groups, self.eps, self.act_fn, scale, dtype=self.dtype,
+                             name=name)
 
     def transformer(self, name: str, channels: int) -> nn.Module:
         if channels % self.heads:
             raise ValueError(f"{self.name}: {channels} channels do not split into {self.heads} attention heads")
-        return _maybe_remat(Transformer2DModel, self.remat)(
+        return Transformer2DModel(
             self.heads, channels // self.heads, self.groups, self.transformer_layers, self.use_linear_projection,
             self.only_cross_attention, dtype=self.dtype, attention_impl=self.attention_impl, capture=self.capture,
             name=name)

@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jsr.models import constraints
+from jsr.models import remat as remat_lib
 from jsr.models.attention import dot_product_attention
 from jsr.models.layers import LORA_COLLECTION, Conv, Dense, GroupNorm
 from jsr.models.unet_blocks import ACTIVATIONS, Downsample2D
@@ -44,11 +46,6 @@ _USED = ("in_channels", "out_channels", "down_block_types", "up_block_types", "b
          "latents_mean", "latents_std", "use_quant_conv", "use_post_quant_conv", "mid_block_add_attention")
 # Options that describe data or PyTorch-side behaviour, not the network: accepted with any value.
 _IGNORED = ("sample_size", "force_upcast")
-
-
-def _maybe_remat(cls: type[nn.Module], remat: bool) -> type[nn.Module]:
-    # Blocks take only arrays, so no static argnums are needed.
-    return nn.remat(cls) if remat else cls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,16 +201,14 @@ class MidBlock(nn.Module):
     add_attention: bool = True
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
-    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        resnet = _maybe_remat(ResnetBlock, self.remat)
-        x = resnet(self.channels, self.groups, self.act_fn, dtype=self.dtype, name="resnets_0")(x)
+        x = ResnetBlock(self.channels, self.groups, self.act_fn, dtype=self.dtype, name="resnets_0")(x)
         if self.add_attention:
-            x = _maybe_remat(SpatialSelfAttention, self.remat)(
-                self.groups, dtype=self.dtype, attention_impl=self.attention_impl, name="attentions_0")(x)
-        return resnet(self.channels, self.groups, self.act_fn, dtype=self.dtype, name="resnets_1")(x)
+            x = SpatialSelfAttention(self.groups, dtype=self.dtype, attention_impl=self.attention_impl,
+                                     name="attentions_0")(x)
+        return ResnetBlock(self.channels, self.groups, self.act_fn, dtype=self.dtype, name="resnets_1")(x)
 
 
 class DownEncoderBlock(nn.Module):
@@ -226,13 +221,11 @@ class DownEncoderBlock(nn.Module):
     act_fn: str = "silu"
     add_downsample: bool = True
     dtype: Dtype = jnp.float32
-    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        resnet = _maybe_remat(ResnetBlock, self.remat)
         for i in range(self.num_layers):
-            x = resnet(self.out_channels, self.groups, self.act_fn, dtype=self.dtype, name=f"resnets_{i}")(x)
+            x = ResnetBlock(self.out_channels, self.groups, self.act_fn, dtype=self.dtype, name=f"resnets_{i}")(x)
         if self.add_downsample:
             # padding=0 is diffusers' (0, 1, 0, 1) pad then an unpadded stride-2 conv.
             x = Downsample2D(self.out_channels, padding=0, dtype=self.dtype, name="downsamplers_0")(x)
@@ -319,13 +312,11 @@ class UpDecoderBlock(nn.Module):
     act_fn: str = "silu"
     add_upsample: bool = True
     dtype: Dtype = jnp.float32
-    remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        resnet = _maybe_remat(ResnetBlock, self.remat)
         for i in range(self.num_layers):
-            x = resnet(self.out_channels, self.groups, self.act_fn, dtype=self.dtype, name=f"resnets_{i}")(x)
+            x = ResnetBlock(self.out_channels, self.groups, self.act_fn, dtype=self.dtype, name=f"resnets_{i}")(x)
         if self.add_upsample:
             x = Upsample(self.out_channels, dtype=self.dtype, name="upsamplers_0")(x)
         return x
@@ -333,24 +324,27 @@ class UpDecoderBlock(nn.Module):
 
 class Encoder(nn.Module):
     """Image [B, H, W, in_channels] -> [B, H/f, W/f, 2 * latent_channels] (mean and log-variance, before
-    ``quant_conv``); f = ``config.downscale``."""
+    ``quant_conv``); f = ``config.downscale``. ``remat_blocks``: each down block and the mid block is one
+    checkpoint (``jsr.models.remat``)."""
 
     config: VAEConfig
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
-    remat: bool = False
+    remat_blocks: bool = False
+    remat_policy: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, dt = self.config, self.dtype
         ch = cfg.block_out_channels
-        x = Conv(ch[0], dtype=dt, name="conv_in")(x.astype(dt))
+        down, mid = (remat_lib.checkpointed(cls, self.remat_blocks, self.remat_policy)
+                     for cls in (DownEncoderBlock, MidBlock))
+        x = constraints.image(Conv(ch[0], dtype=dt, name="conv_in")(x.astype(dt)))
         for i, c in enumerate(ch):
-            x = DownEncoderBlock(c, cfg.layers_per_block, cfg.norm_num_groups, cfg.act_fn,
-                                 add_downsample=i < len(ch) - 1, dtype=dt, remat=self.remat,
-                                 name=f"down_blocks_{i}")(x)
-        x = MidBlock(ch[-1], cfg.norm_num_groups, cfg.act_fn, cfg.mid_block_add_attention, dtype=dt,
-                     attention_impl=self.attention_impl, remat=self.remat, name="mid_block")(x)
+            x = constraints.image(down(c, cfg.layers_per_block, cfg.norm_num_groups, cfg.act_fn,
+                                       add_downsample=i < len(ch) - 1, dtype=dt, name=f"down_blocks_{i}")(x))
+        x = constraints.image(mid(ch[-1], cfg.norm_num_groups, cfg.act_fn, cfg.mid_block_add_attention, dtype=dt,
+                                  attention_impl=self.attention_impl, name="mid_block")(x))
         x = GroupNorm(cfg.norm_num_groups, NORM_EPS, dtype=dt, name="conv_norm_out")(x)
         # diffusers' conv_act is SiLU whatever act_fn says.
         x = jax.nn.silu(x)
@@ -358,23 +352,27 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Latent [B, h, w, latent_channels] (after ``post_quant_conv``) -> image [B, h*f, w*f, out_channels]."""
+    """Latent [B, h, w, latent_channels] (after ``post_quant_conv``) -> image [B, h*f, w*f, out_channels].
+    ``remat_blocks``: the mid block and each up block is one checkpoint (``jsr.models.remat``)."""
 
     config: VAEConfig
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
-    remat: bool = False
+    remat_blocks: bool = False
+    remat_policy: str | None = None
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
         cfg, dt = self.config, self.dtype
         ch = tuple(reversed(cfg.block_out_channels))
-        x = Conv(ch[0], dtype=dt, name="conv_in")(z.astype(dt))
-        x = MidBlock(ch[0], cfg.norm_num_groups, cfg.act_fn, cfg.mid_block_add_attention, dtype=dt,
-                     attention_impl=self.attention_impl, remat=self.remat, name="mid_block")(x)
+        mid, up = (remat_lib.checkpointed(cls, self.remat_blocks, self.remat_policy)
+                   for cls in (MidBlock, UpDecoderBlock))
+        x = constraints.image(Conv(ch[0], dtype=dt, name="conv_in")(z.astype(dt)))
+        x = constraints.image(mid(ch[0], cfg.norm_num_groups, cfg.act_fn, cfg.mid_block_add_attention, dtype=dt,
+                                  attention_impl=self.attention_impl, name="mid_block")(x))
         for i, c in enumerate(ch):
-            x = UpDecoderBlock(c, cfg.layers_per_block + 1, cfg.norm_num_groups, cfg.act_fn,
-                               add_upsample=i < len(ch) - 1, dtype=dt, remat=self.remat, name=f"up_blocks_{i}")(x)
+            x = constraints.image(up(c, cfg.layers_per_block + 1, cfg.norm_num_groups, cfg.act_fn,
+                                     add_upsample=i < len(ch) - 1, dtype=dt, name=f"up_blocks_{i}")(x))
         x = GroupNorm(cfg.norm_num_groups, NORM_EPS, dtype=dt, name="conv_norm_out")(x)
         x = jax.nn.silu(x)
         return Conv(cfg.out_channels, dtype=dt, name="conv_out")(x)
@@ -388,7 +386,10 @@ class AutoencoderKL(nn.Module):
       dtype: compute dtype (bf16 on accelerators; parameters may stay float32). Norm statistics and the
         attention softmax are float32 always.
       attention_impl: ``jsr.models.attention`` implementation of the mid-block attention (``auto``).
-      remat: recompute each ResNet and attention block in the backward pass (gradient checkpointing).
+      remat: gradient checkpointing in training (``jsr.models.remat``): ``"none"``, ``"blocks"`` (each encoder
+        and decoder block one checkpoint; ``True`` means this), ``"full"`` (the whole encoder and the whole
+        decoder one checkpoint each). Parameter names and forward values are the same in every mode.
+      remat_policy: a ``jax.checkpoint_policies`` name (``None``: save nothing, recompute all).
 
     Methods (``module.apply({"params": p}, x, method="encode")`` or ``method=module.encode``):
       ``encode(x) -> (mean, logvar)``, ``decode(z) -> x``; ``__call__(x)`` is ``decode(encode(x)[0])``.
@@ -397,13 +398,17 @@ class AutoencoderKL(nn.Module):
     config: VAEConfig
     dtype: Dtype = jnp.float32
     attention_impl: str = "auto"
-    remat: bool = False
+    remat: bool | str = False
+    remat_policy: str | None = None
 
     def setup(self) -> None:
         cfg = self.config
-        kw = dict(dtype=self.dtype, attention_impl=self.attention_impl, remat=self.remat)
-        self.encoder = Encoder(cfg, **kw)
-        self.decoder = Decoder(cfg, **kw)
+        mode = remat_lib.remat_mode(self.remat)
+        kw = dict(dtype=self.dtype, attention_impl=self.attention_impl, remat_blocks=mode == "blocks",
+                  remat_policy=self.remat_policy)
+        whole = mode == "full"
+        self.encoder = remat_lib.checkpointed(Encoder, whole, self.remat_policy)(cfg, **kw)
+        self.decoder = remat_lib.checkpointed(Decoder, whole, self.remat_policy)(cfg, **kw)
         if cfg.use_quant_conv:
             self.quant_conv = Conv(2 * cfg.latent_channels, kernel_size=(1, 1), padding="VALID", dtype=self.dtype)
         if cfg.use_post_quant_conv:

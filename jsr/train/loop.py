@@ -20,6 +20,7 @@ Workdir layout: ``config.json`` (the resolved config), ``checkpoints/`` (Orbax: 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ from jsr.data.pipeline import DataStarvationError
 from jsr.methods.api import Method, TrainSetup, split_knobs
 from jsr.methods.export import write_export
 from jsr.models import common
+from jsr.models import remat as remat_lib
 from jsr.sr import generator
 from jsr.sr.base import load_base
 from jsr.sr.prompts import drop_prompts
@@ -59,13 +61,33 @@ _CALLED: set[tuple] = set()  # (run key, phase) of the steps already called (com
 _NOT_IN_STEP = ("checkpoint", "log", "debug", "seed", "max_nonfinite", "multihost")
 
 
+def remat_setting(config) -> tuple[str, str | None]:
+    """``(mode, policy)`` of ``config.model.remat`` / ``remat_policy`` (``jsr.models.remat``), checked: raises
+    :class:`jsr.models.remat.RematConfigError` naming the valid modes or policies."""
+    m = config.model
+    mode = remat_lib.remat_mode(m.remat)
+    policy = m.get("remat_policy") or None
+    remat_lib.checkpoint_policy(policy)
+    return mode, policy
+
+
+def with_remat(base, mode: str, policy: str | None):
+    """``base`` whose UNet and VAE rematerialise in ``mode`` with ``policy`` (the training base; parameters and
+    forward values are unchanged, so the same parameter trees serve inference)."""
+    models = dataclasses.replace(base.models, unet=base.models.unet.clone(remat=mode, remat_policy=policy),
+                                 vae=base.models.vae.clone(remat=mode, remat_policy=policy))
+    return dataclasses.replace(base, models=models)
+
+
 def _base(config) -> Any:
     m = config.model
-    key = (m.path, m.dtype, m.param_dtype, m.attention, bool(m.remat), int(m.tiny_seed))
+    mode, policy = remat_setting(config)
+    key = (m.path, m.dtype, m.param_dtype, m.attention, mode, policy, int(m.tiny_seed))
     if key not in _BASES:
         _BASES.clear()  # one base per process at a time: a full-size base is GBs
-        _BASES[key] = load_base(m.path, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
-                                attention=m.attention, remat=m.remat, tiny_seed=m.tiny_seed)
+        base = load_base(m.path, dtype=jnp.dtype(m.dtype), param_dtype=jnp.dtype(m.param_dtype),
+                         attention=m.attention, tiny_seed=m.tiny_seed)
+        _BASES[key] = with_remat(base, mode, policy)
     return _BASES[key]
 
 
@@ -98,6 +120,16 @@ def _frozen_shardings(frozen: dict, base, mesh, shard: bool,
         for key, logical in (axes or {}).items():
             out[key] = sharding.tree_shardings(frozen[key], logical, mesh, rules)
     return out
+
+
+def jit_step(updates, config, mesh, rules: Any, in_shardings: Any, out_shardings: Any):
+    """The jitted train step of ``updates`` as the loop runs it: traced with ``mesh`` in context (the attention
+    dispatch sees it: ``auto`` takes splash per shard on a multi-chip TPU) and the models' activations
+    constrained by ``rules`` (``jsr.train.step``), the state donated, and on CPU compiled so that the
+    rematerialisation ``config.model.remat`` asks for survives (``jsr.models.remat.compiler_options``)."""
+    return jax.jit(make_train_step(updates, config.optim.accum_steps, mesh, rules), in_shardings=in_shardings,
+                   out_shardings=out_shardings, donate_argnums=0,
+                   compiler_options=remat_lib.compiler_options(remat_setting(config)[0]))
 
 
 def step_prompts(prompts: list[str], null_ratio: float, seed: int, step: int) -> list[str]:
@@ -194,9 +226,7 @@ def train(config, workdir: str | os.PathLike, cluster: distributed.Cluster | Non
     def step_fn(phase: int, updates):
         key = (run_key, phase)
         if key not in _STEPS:
-            _STEPS[key] = jax.jit(make_train_step(updates, config.optim.accum_steps),
-                                  in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, rep),
-                                  donate_argnums=0)
+            _STEPS[key] = jit_step(updates, config, mesh, rules, (state_sh, frozen_sh, batch_sh), (state_sh, rep))
         return _STEPS[key]
 
     def ready(fn, name: str, *args) -> None:

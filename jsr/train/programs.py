@@ -314,7 +314,7 @@ def build_program(config: Any, base: Base, mesh: AbstractMesh, phase: int = 0,
     data = {"hq": image, "lq": image, "c": base.prompts.spec(batch),
             **_host_batch_spec(setup, config, batch)}
     batch_sh = {k: sharding.batch_sharding(mesh, len(v.shape)) for k, v in data.items()}
-    step = make_train_step(updates, config.optim.accum_steps)
+    step = make_train_step(updates, config.optim.accum_steps, mesh, rules)  # the mesh in context, as the loop's
 
     def make_fn():
         return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, rep),

@@ -10,16 +10,24 @@ Parameters carry *logical* axis names (``embed``, ``mlp``, ``heads``, ``conv_in`
 ``lora_rank``...; see ``jsr.models.layers``). ``rules`` map logical names to mesh axes. A dimension that a mesh
 axis does not divide evenly stays replicated instead of failing (small layers such as a 4-channel ``conv_in``),
 so one rule set serves every model size.
+
+Activations follow the same table: the models mark block boundaries and attention heads with the logical names
+of ``jsr.models.constraints`` (``activation_batch``, ``activation_heads``, ``activation_embed``), and a train step
+traced inside :func:`tracing` turns them into ``with_sharding_constraint`` s on its mesh. Outside it (one device,
+inference) they are no-ops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
+
+from jsr.models import constraints
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -36,6 +44,11 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
     ("vocab", "tensor"),
     ("norm", None),
     ("lora_rank", None),
+    # Activations (jsr.models.constraints): the batch split as the input batch, attention heads over tensor,
+    # block-boundary channels whole (map them to "tensor" to split the maps between blocks too).
+    (constraints.BATCH, BATCH_AXES),
+    (constraints.HEADS, "tensor"),
+    (constraints.EMBED, None),
 )
 
 
@@ -107,7 +120,7 @@ def _mesh_axis_size(mesh: Mesh, axis: str | tuple[str, ...] | None) -> int:
     return math.prod(mesh.shape[n] for n in names)
 
 
-def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh | AbstractMesh,
                     rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> P:
     """The mesh ``PartitionSpec`` for one array with the given logical axis names and shape.
 
@@ -115,19 +128,64 @@ def logical_to_spec(logical: Sequence[str | None] | None, shape: Sequence[int], 
     """
     if logical is None:
         return P()
+    return _spec(logical, shape, mesh, rules, fallback=None)
+
+
+def _spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh | AbstractMesh,
+          rules: Sequence[tuple[str, Any]], fallback: Any) -> P:
+    # fallback: the entry of a named dimension that the rules leave out or whose mesh axes do not divide it.
     table = dict(rules)
     used: set[str] = set()
     out = []
     for name, dim in zip(tuple(logical), shape):
-        axis = table.get(name) if name is not None else None
+        if name is None:
+            out.append(None)
+            continue
+        if name not in table:
+            out.append(fallback)
+            continue
+        axis = table[name]
         names = () if axis is None else ((axis,) if isinstance(axis, str) else tuple(axis))
         names = tuple(n for n in names if n in mesh.shape and mesh.shape[n] > 1 and n not in used)
-        if names and dim % _mesh_axis_size(mesh, names) == 0:
+        if not names:
+            out.append(None)
+        elif dim % _mesh_axis_size(mesh, names) == 0:
             used.update(names)
             out.append(names[0] if len(names) == 1 else names)
         else:
-            out.append(None)
+            out.append(fallback)
     return P(*out)
+
+
+def activation_spec(logical: Sequence[str | None], shape: Sequence[int], mesh: Mesh | AbstractMesh,
+                    rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> P:
+    """The ``PartitionSpec`` constraining one activation (``jsr.models.constraints`` names per dimension).
+
+    As :func:`logical_to_spec`, except that a dimension whose name the rules leave out, or whose mesh axes do
+    not divide it (a batch of 2 over 4 batch shards), is left to XLA (``P.UNCONSTRAINED``) instead of being
+    forced whole: a constraint must never undo a better layout XLA found. ``None`` names mean unsplit.
+    """
+    return _spec(logical, shape, mesh, rules, fallback=P.UNCONSTRAINED)
+
+
+def activation_resolver(mesh: Mesh | AbstractMesh,
+                        rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> constraints.Resolver:
+    """``(names, shape) -> NamedSharding`` on ``mesh`` by ``rules``: what :func:`tracing` gives the models."""
+    return lambda names, shape: NamedSharding(mesh, activation_spec(names, shape, mesh, rules))
+
+
+@contextlib.contextmanager
+def tracing(mesh: Mesh | AbstractMesh | None, rules: Sequence[tuple[str, Any]] = DEFAULT_RULES) -> Iterator[None]:
+    """Enter inside a step function that is traced for ``mesh``: the mesh becomes the abstract mesh in context
+    (``jax.sharding.use_abstract_mesh``, which, unlike ``jax.set_mesh``, may be entered inside ``jax.jit``) so the
+    attention dispatch sees it (``auto`` takes splash on a multi-chip TPU), and the models' activation
+    constraints resolve on it by ``rules``. ``None`` or a one-device mesh: nothing changes."""
+    if mesh is None or mesh.size == 1:
+        yield
+        return
+    abstract = mesh if isinstance(mesh, AbstractMesh) else mesh.abstract_mesh
+    with jax.sharding.use_abstract_mesh(abstract), constraints.activation_sharding(activation_resolver(mesh, rules)):
+        yield
 
 
 def tree_shardings(abstract: Any, logical: Any, mesh: Mesh,

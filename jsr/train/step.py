@@ -14,6 +14,9 @@ leading axis and their gradients are averaged (a ``lax.scan``, so memory is one 
 
 The step number: every loss sees ``batch["step"]``, the int32 count of completed steps (``state.step``, traced;
 FiDeSR's DAW ramps its weighting in with it). Scalars in the batch go to every micro-batch unchanged.
+
+The mesh: a step made for a mesh traces inside ``jsr.train.sharding.tracing`` (the mesh in context for the
+attention dispatch, activation constraints by the rules), whoever jits, lowers or exports it.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import optax
 
 from jsr.methods.api import LossFn, Update  # noqa: F401 - the step runs the methods' updates
 from jsr.methods.common import make_optimizer  # noqa: F401 - re-exported for older imports
+from jsr.train import sharding
 
 
 @flax.struct.dataclass
@@ -102,8 +106,12 @@ def _grads(update: Update, params, frozen, batch, rng, carry, accum_steps: int):
     return loss, parts, carry, grads
 
 
-def make_train_step(updates: Sequence[Update], accum_steps: int = 1) -> Callable:
+def make_train_step(updates: Sequence[Update], accum_steps: int = 1, mesh: Any = None,
+                    rules: Sequence[tuple[str, Any]] = sharding.DEFAULT_RULES) -> Callable:
     """``step(state, frozen, batch) -> (state, metrics)``; jit it with shardings (``jsr.train.loop``).
+
+    ``mesh`` (a ``Mesh`` or ``AbstractMesh``; ``None``: one device): the step traces with it in context and
+    constrains the models' activations by ``rules`` (``config.mesh.rules``; :func:`jsr.train.sharding.tracing`).
 
     ``metrics`` holds every update's named loss parts (prefixed by the group), ``<group>/loss``,
     ``<group>/grad_norm``, ``<group>/skipped`` (1.0 when a non-finite update was dropped) and
@@ -111,6 +119,10 @@ def make_train_step(updates: Sequence[Update], accum_steps: int = 1) -> Callable
     """
 
     def step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array]):
+        with sharding.tracing(mesh, rules):
+            return body(state, frozen, batch)
+
+    def body(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array]):
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
         batch = {**batch, "step": state.step}
         params, opt_state = dict(state.params), dict(state.opt_state)
