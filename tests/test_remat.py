@@ -61,7 +61,7 @@ def compiled():
 
 def test_gradients_are_the_same_in_every_mode(compiled):
     """Not bit-identical: with remat XLA fuses the recomputed forward differently (other f32 summation orders);
-    measured max |diff| 1-2e-7 on gradients of order 1e-1 (2026-12-01), so relative L2 error < 1e-6."""
+    measured max |diff| 1-2e-7 on gradients of order 1e-1 (2026-11-30), so relative L2 error < 1e-6."""
     ref_loss, ref_grads = compiled["none"][1]
     flat = lambda g: np.concatenate([np.ravel(a) for a in jax.tree.leaves(g)])  # noqa: E731
     # Every UNet and encoder parameter takes part (the decoder's are unused here, hence zero).
@@ -74,7 +74,7 @@ def test_gradients_are_the_same_in_every_mode(compiled):
 
 
 def test_blocks_need_less_memory(compiled):
-    """XLA's buffer assignment of the compiled gradient (temp bytes, batch 2 at 32 px, 2026-12-01): none
+    """XLA's buffer assignment of the compiled gradient (temp bytes, batch 2 at 32 px, 2026-11-30): none
     25.6 MB, blocks 11.1 MB (the attention scores of one block live at a time), full 20.8 MB (one network's
     activations at a time: here the UNet's). Without ``compiler_options`` XLA:CPU merges the recomputation back
     into the forward pass and ``blocks`` took more (``jsr.models.remat._CPU_KEEP_REMAT``)."""
