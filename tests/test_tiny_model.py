@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+from jsr.models.common import random_params
 from jsr.weights import tiny
 
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
@@ -48,7 +49,7 @@ def test_weights_follow_flax_defaults_plus_noise():
     from jsr.weights.vae import vae_from_config
 
     vae = vae_from_config(tiny.preset("tiny")["vae"])
-    p0, p1 = tiny._random_params(vae, 0), tiny._random_params(vae, 1)
+    p0, p1 = random_params(vae, 0), random_params(vae, 1)
     flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_flatten_with_path(p0)[0]}
     kernels = [v for k, v in flat.items() if k.endswith("['kernel']") and v.size >= 2048]
     assert kernels

@@ -6,13 +6,16 @@ from __future__ import annotations
 import dataclasses
 import os
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from absl import logging
+from flax import traverse_util
 
 from jsr.models import lora as L
 from jsr.sr import losses
@@ -118,15 +121,17 @@ def lpips_params(config: Any, base: Any, rng: jax.Array) -> Any:
     :mod:`jsr.metrics.files`, as evaluate.py finds them); a random trunk on random bases only."""
     from jsr.metrics import files
     from jsr.metrics.lpips import LPIPS, load_lpips_params
-    from jsr.models.common import init_params
+    from jsr.models.common import random_params
 
     paths = [p for p in (config.loss.lpips_vgg, config.loss.lpips_heads) if p]
     if paths:
         return load_lpips_params(*paths)
+    # Random trunks are drawn on the host (random_params): compiling LPIPS' init cost ~20 s of a tiny run's start.
+    seed = int(np.asarray(jax.random.key_data(rng)).ravel()[-1])
     if not config.loss.lpips:
-        return init_params(LPIPS(), rng)  # unused by the loss: shapes only matter
+        return random_params(LPIPS(), seed)  # unused by the loss: shapes only matter
     if base.random_weights:
-        return init_params(LPIPS(), rng)  # random trunk: random-base runs (the tiny model) never look for files
+        return random_params(LPIPS(), seed)  # random trunk: random-base runs (the tiny model) never look for files
     found = files.discover("lpips")
     if found is None:
         raise ValueError("loss.lpips > 0 needs LPIPS weights: " + files.why_missing("lpips", how=True) +
@@ -137,18 +142,24 @@ def lpips_params(config: Any, base: Any, rng: jax.Array) -> Any:
 
 
 def random_lora(rng: jax.Array, params: Any, spec: L.LoRASpec, std: float = 0.02) -> L.LoRA:
-    """A LoRA with gaussian ``a`` and non-zero ``b`` (a stand-in teacher for runs without weights)."""
+    """A LoRA with gaussian ``a`` and non-zero ``b ~ N(0, std^2)`` (a stand-in teacher for runs without weights).
+
+    The ``b`` factors are drawn on the host (numpy, one generator per factor keyed by ``rng`` and the factor's
+    path): a JAX draw per factor compiled one program per shape, ~18 s of a tiny run's start on 2 cores."""
     lo = L.init(rng, params, spec)
-    leaves, tree = jax.tree.flatten(lo.factors)
-    keys = jax.random.split(jax.random.fold_in(rng, 1), len(leaves))
-
-    def fill(x, k):
-        if isinstance(x, jax.core.Tracer):  # traced (eval_shape of a setup): the same choice, inside the program
-            return jnp.where(jnp.any(x != 0), x, std * jax.random.normal(k, x.shape, x.dtype))
-        return x if x.any() else std * jax.random.normal(k, x.shape, x.dtype)
-
-    leaves = [fill(x, k) for x, k in zip(leaves, keys)]
-    return dataclasses.replace(lo, factors=jax.tree.unflatten(tree, leaves))
+    flat = traverse_util.flatten_dict(lo.factors)
+    paths = [p for p in flat if p[-1] == "b"]
+    key = jax.random.fold_in(rng, 1)
+    if isinstance(key, jax.core.Tracer):  # eval_shape of a setup: the same shapes, inside the program
+        for p in paths:
+            flat[p] = std * jax.random.normal(jax.random.fold_in(key, zlib.crc32("/".join(p).encode()) & 0x7FFFFFFF),
+                                              flat[p].shape, jnp.float32)
+    else:
+        words = [int(w) for w in np.asarray(jax.random.key_data(key)).ravel()]
+        for p in paths:
+            gen = np.random.default_rng([*words, zlib.crc32("/".join(p).encode())])
+            flat[p] = jnp.asarray((std * gen.standard_normal(flat[p].shape)).astype(np.float32))
+    return dataclasses.replace(lo, factors=traverse_util.unflatten_dict(flat))
 
 
 def load_unet_vae_loras(path: str, base: Any) -> dict[str, L.LoRA]:

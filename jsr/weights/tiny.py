@@ -14,13 +14,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import zlib
 from pathlib import Path
 
-import flax.linen as nn
-import jax
-import numpy as np
-
+from jsr.models.common import random_params
 from jsr.models.presets import preset
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -57,39 +53,6 @@ def write_tokenizer(folder: str | os.PathLike, max_length: int = 77) -> Path:
     return folder
 
 
-def _random_params(module, seed: int, std: float = 0.02) -> dict:
-    """Seeded random parameters for ``module`` (a jsr Flax model with ``example_inputs()``), as numpy float32.
-
-    Flax's default initialisers, redrawn with numpy from the abstract parameter shapes: ``kernel`` lecun-normal
-    (std ``1/sqrt(fan_in)``, fan-in = every axis but the last), ``bias`` zeros, ``scale`` ones, anything else
-    (embedding tables) normal(0.02); then every leaf gets ``std`` of extra normal noise, so zero-initialised layers
-    (biases, norms' shifts) cannot hide mistakes in whatever consumes the model. Each leaf draws from its own
-    generator keyed by ``seed`` and its path, so adding a layer leaves every other leaf's values as they were.
-
-    Why not ``module.init`` compiled: the first command of a fresh install spends its time here. On the 2-core
-    machine (2026-11-30) compiling the tiny UNet's init took ~60 s of CPU even with LLVM's optimisations off;
-    ``jax.eval_shape`` traces it in ~3 s and numpy draws the few MB in milliseconds.
-    """
-    # The key is made inside the traced function: even jax.random.key(0) compiles a program when run eagerly.
-    shapes = jax.eval_shape(lambda: nn.meta.unbox(module.init(jax.random.key(0), *module.example_inputs())["params"]))
-
-    def draw(path, leaf):
-        name = jax.tree_util.keystr(path, simple=True, separator="/")
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-        shape, last = tuple(leaf.shape), str(getattr(path[-1], "key", path[-1]))
-        if last == "kernel":
-            base = rng.standard_normal(shape) / np.sqrt(max(1, int(np.prod(shape[:-1]))))
-        elif last == "bias":
-            base = np.zeros(shape)
-        elif last == "scale":
-            base = np.ones(shape)
-        else:
-            base = 0.02 * rng.standard_normal(shape)
-        return (base + std * rng.standard_normal(shape)).astype(leaf.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes)
-
-
 def write_tiny_sd(folder: str | os.PathLike, seed: int = 0, preset_name: str = "tiny") -> Path:
     """Write a complete SD folder with random weights of the ``preset_name`` architectures; returns ``folder``.
 
@@ -105,11 +68,11 @@ def write_tiny_sd(folder: str | os.PathLike, seed: int = 0, preset_name: str = "
     cfg = preset(preset_name)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     unet = unet_from_config(cfg["unet"])
-    save_unet(unet, _random_params(unet, seed), tmp / "unet")
+    save_unet(unet, random_params(unet, seed), tmp / "unet")
     vae = vae_from_config(cfg["vae"])
-    save_vae(vae, _random_params(vae, seed + 10), tmp / "vae")
+    save_vae(vae, random_params(vae, seed + 10), tmp / "vae")
     text = text_encoder_from_config(cfg["text_encoder"])
-    save_text_encoder(text, _random_params(text, seed + 20), tmp / "text_encoder")
+    save_text_encoder(text, random_params(text, seed + 20), tmp / "text_encoder")
     write_tokenizer(tmp / "tokenizer", cfg["text_encoder"]["max_position_embeddings"])
     (tmp / "scheduler").mkdir(parents=True, exist_ok=True)
     (tmp / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg["scheduler"], indent=2))
@@ -155,7 +118,7 @@ def write_tiny_clip_vision(folder: str | os.PathLike, seed: int = 0) -> Path:
     cfg = dict(TINY_CLIP_VISION, model_type="clip_vision_model", architectures=["CLIPVisionModel"])
     module = CLIPVisionModel(CLIPVisionConfig.from_transformers(cfg))
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-    save_clip_vision(module, _random_params(module, seed + 30), tmp)
+    save_clip_vision(module, random_params(module, seed + 30), tmp)
     _publish(tmp, folder, WEIGHTS_NAME)
     return folder
 
