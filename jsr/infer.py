@@ -38,7 +38,7 @@ import numpy as np
 from tqdm import tqdm
 
 import jsr.methods
-from jsr.cli import enable_compilation_cache, guard, report_user_error
+from jsr.cli import guard, report_user_error, start_jax
 from jsr.methods.restorer import check_options, knob_overrides, load_restorer
 from jsr.sr import colorfix
 from jsr.sr.data_parallel import describe as describe_devices
@@ -387,7 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ValueError(f"--batch_size must be at least 1, got {args.batch_size}")
     except ValueError as e:
         return report_user_error(e)
-    enable_compilation_cache()
+    start_jax()
     # The inputs first: a mistyped path should not cost a model load.
     own: list[Path] = []
     files, failed = collect_inputs(args.inputs, args.suffix, own)

@@ -13,6 +13,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # Numerics are IEEE float either way (no fast-math), so tolerances are unchanged. Subprocesses inherit it.
 if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# The command lines' XLA:CPU preset (jsr.cli.cpu_compile_defaults), for the tests in this process too: without
+# it, reading a program back from the session's cache (every module after jax.clear_caches) is quadratic in the
+# program's size in XLA's YNNPACK fusion loader.
+from jsr.cli import cpu_compile_defaults  # noqa: E402 - jsr.cli imports no jax at module level
+
+cpu_compile_defaults()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # A fresh cache per session (never the user's ~/.cache/jsr, which an older jsr may have written): the tiny SD
 # folder is written once (~1 min on 2 cores) instead of once per test module, and programs compiled by one test

@@ -1,5 +1,6 @@
 """First-run experience (issue 13): where the command lines keep JAX's persistent compilation cache and how to turn
 it off, and the one-line notices before long phases."""
+import os
 from pathlib import Path
 
 import jax
@@ -51,3 +52,22 @@ def test_the_restorer_announces_each_new_size_once(capsys):
     err = capsys.readouterr().err
     assert err.count("jsr: compiling the standin restorer for 1 x 16x16 images") == 1
     assert err.count("jsr: compiling the standin restorer for 1 x 16x24 images") == 1
+
+
+def test_cpu_fast_compile_preset_is_added_once_and_can_be_refused(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    monkeypatch.delenv("JSR_XLA_CPU_PRESET", raising=False)
+    assert cli.cpu_compile_defaults() == cli.CPU_FAST_COMPILE
+    assert os.environ["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=2 {cli.CPU_FAST_COMPILE}"
+    assert cli.cpu_compile_defaults() is None  # already there: not twice
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME")
+    assert cli.cpu_compile_defaults() is None  # the user's own preset wins
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_RUNTIME"
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setenv("JSR_XLA_CPU_PRESET", "default")
+    assert cli.cpu_compile_defaults() is None and "XLA_FLAGS" not in os.environ
+
+
+def test_the_preset_is_on_in_this_session():
+    """conftest applies it before jax starts: the flag reaches XLA (an unknown preset name would abort at start)."""
+    assert cli.CPU_FAST_COMPILE in os.environ["XLA_FLAGS"]

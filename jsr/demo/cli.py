@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
-from jsr.cli import enable_compilation_cache, guard, report_user_error
+from jsr.cli import guard, report_user_error, start_jax
 from jsr.infer import add_model_flags, add_tiling_flags, knob_flags
 from jsr.sr import colorfix
 from jsr.sr.infer import RestoreOptions
@@ -126,7 +126,7 @@ def start(argv: Sequence[str] | None = None) -> Served:
         import gradio  # noqa: F401 - checked first: the model load takes a while
     except ImportError:
         raise DemoSetupError("the demo needs Gradio: pip install -c .ci/constraints.txt -e '.[demo]'") from None
-    enable_compilation_cache()
+    start_jax()
     from jsr.console import notice
     from jsr.demo.app import build_app
     from jsr.demo.engine import DemoEngine
