@@ -1,13 +1,14 @@
 """Restoration over several devices (jsr.sr.data_parallel): the embedded tiny random SD model restores the same
-images on 4 of the session's fake CPU devices (conftest.py: 8) as on one, bit for bit, through the restorer,
+images on 4 of the session's fake CPU devices (conftest.py: 8) as on one, through the restorer,
 ``python -m jsr.infer --devices 4`` (5 images: a batch of 4 and one padded to 4) and jsr.eval's tables.
 
-Why bit for bit: each device runs, under ``shard_map``, the program one device runs on its rows; with one image
-(or one tile) per device that is the one-device program at batch 1. Measured (2-core CPU, 2026-11-30): the
-per-device programs gave identical floats for whole images and for latent tiles with the staged VAE; a batch of 2
-per device against batch-1 calls differs by ~3e-6 (float32 convolutions vary with the batch size on XLA's CPU
-backend; the same difference appears between a batch of 5 and single images on one device), so the comparisons
-below keep one image or tile per device.
+Tolerance: each device runs, under ``shard_map``, the program one device runs on its rows; with one image (or one
+tile) per device that is the one-device program at batch 1. Under XLA's default CPU preset the floats were
+identical (2-core CPU, 2026-11-30); under the fast-compile preset jsr now uses on CPU (jsr.cli.CPU_FAST_COMPILE)
+the per-device program is compiled with other fusions and differs by float32 round-off (max 2.5e-6 on images in
+[0, 1], one 8-bit level on 1 of 4,608 PNG values, PSNR within 7e-5 dB). Hence ``atol=1e-5`` on floats, one level
+on PNGs and ``rel=1e-4`` on metrics: far below any real difference (a wrong row order or a padded row leaking into
+an output moves values by ~0.1). The comparisons keep one image or tile per device.
 """
 
 import jax
@@ -74,8 +75,8 @@ def test_restorer_on_4_devices_equals_1(restorers):
     ups = np.stack([infer.upscale_bicubic(im, 4) for im in _images(5)])
     opts = infer.RestoreOptions(color_fix="none")
     singles = np.concatenate([r1(ups[i:i + 1], opts) for i in range(5)])
-    np.testing.assert_array_equal(r4(ups[:4], opts), singles[:4])  # one image per device
-    np.testing.assert_array_equal(r4(ups[4:], opts), singles[4:])  # one image padded to 4 devices
+    np.testing.assert_allclose(r4(ups[:4], opts), singles[:4], rtol=0, atol=1e-5)  # one image per device
+    np.testing.assert_allclose(r4(ups[4:], opts), singles[4:], rtol=0, atol=1e-5)  # one padded to 4 devices
 
 
 @pytest.mark.slow  # ~40 s more on the 2-core CPU: the staged VAE's stage programs and the tile programs, twice
@@ -88,7 +89,7 @@ def test_tiles_on_4_devices_equal_1(restorers):
     big = infer.upscale_bicubic(_images(1, 16, 24, seed=1)[0], 4)[None]
     plan = r4.plan_input(big.shape, tiled)
     assert (plan.encode, plan.decode) == ("staged", "staged")
-    np.testing.assert_array_equal(r4(big, tiled), r1(big, tiled))
+    np.testing.assert_allclose(r4(big, tiled), r1(big, tiled), rtol=0, atol=1e-5)
 
 
 def test_cli_devices_flag(restorers, tmp_path, capsys):
@@ -107,7 +108,8 @@ def test_cli_devices_flag(restorers, tmp_path, capsys):
     for i in range(len(lqs)):
         want = r1(infer.upscale_bicubic(cli.read_image(src / f"im{i}.png"), 4)[None])[0]  # k * float32(1/255)
         got = np.asarray(Image.open(tmp_path / "out" / f"im{i}_sr.png"))
-        np.testing.assert_array_equal(got, np.round(np.clip(want, 0, 1) * 255).astype(np.uint8))
+        want8 = np.round(np.clip(want, 0, 1) * 255).astype(np.int16)
+        assert np.abs(got.astype(np.int16) - want8).max() <= 1  # 8-bit rounding of a round-off difference
     assert cli.main([str(src), "--model", "tiny", "--devices", "99", "--no-progress"]) == 2
     assert "error: --devices=99: this process has" in capsys.readouterr().err
 
@@ -128,12 +130,17 @@ def test_evaluate_tables_on_4_devices_equal_1(restorers, tmp_path):
                            progress=False, log=lambda m: None, num_samples=0) for r in (r1, r4)]
     one, four = reports
     assert (one["timing"]["devices"], four["timing"]["devices"], four["timing"]["images_per_call"]) == (1, 4, 4)
-    drop = ("seconds", "includes_compile", "sr_path")
-    assert [{k: v for k, v in r.items() if k not in drop} for r in four["images"]] == \
-           [{k: v for k, v in r.items() if k not in drop} for r in one["images"]]
-    assert [r["psnr"] for r in four["rows"]] == [r["psnr"] for r in one["rows"]]
+    drop = ("seconds", "includes_compile", "sr_path", "seconds_per_image")
+
+    def rows(report, key):
+        return [{k: (pytest.approx(v, rel=1e-4) if isinstance(v, float) else v) for k, v in r.items()
+                 if k not in drop} for r in report[key]]
+
+    assert [{k: v for k, v in r.items() if k not in drop} for r in four["images"]] == rows(one, "images")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in four["rows"]] == rows(one, "rows")
     tables = [ev.markdown_tables(r).split("## Timing")[0] for r in reports]
-    assert tables[0] == tables[1]
+    heads = [[line for line in t.splitlines() if line.startswith("|")][:2] for t in tables]
+    assert heads[0] == heads[1] and heads[0]  # the same columns (the values: the rows above)
     # The images of a 4-device call share its seconds; a new batch shape (4, then 1 padded) compiles.
     assert [r["includes_compile"] for r in four["images"]] == [True] * 4 + [True]
     assert len({r["seconds"] for r in four["images"][:4]}) == 1

@@ -122,6 +122,22 @@ def test_pick_method_from_roles(base):
         pick({"mystery": u})
 
 
+def test_a_plugin_never_takes_over_the_automatic_choice():
+    """A registered plugin that fits the trees given (here: none, the plain base) with fewer roles than the
+    built-in that fits must not be picked without --method (a toy plugin once took over the demo's restorer)."""
+    class Bare(Method):
+        name = "bare_plugin"
+        roles = {}
+
+    jsr.methods.register(Bare)
+    try:
+        assert pick_method("auto", Source(None, None, {})).name == "osediff"
+        assert pick_method("bare_plugin", Source(None, None, {})).name == "bare_plugin"
+        assert not jsr.methods.registry.is_builtin(Bare()) and jsr.methods.registry.is_builtin(jsr.methods.get("ctsr"))
+    finally:
+        jsr.methods.registry.unregister("bare_plugin")
+
+
 def test_export_manifest_round_trip_and_base_check(base, tmp_path):
     """write_export -> read_source: method, roles, knob defaults, required trees and the base record."""
     u, v, ctl = _lo(base.unet_params, 1), _lo(base.vae_params, 2, L.OSEDIFF_VAE), _lo(base.unet_params, 3)

@@ -34,6 +34,7 @@ class Toy(Method):
     name = "toy"
     label = "Toy"
     roles = {"refiner": "the latent refiner (a module, not a LoRA)"}
+    required_roles = ("refiner",)  # forward reads it
     knobs = (Knob("toy_gain", float, 1.0, "toy: strength of the refinement", min=0.0, max=2.0, needs="refiner",
                   needs_text="a toy refiner"),)
 

@@ -52,6 +52,11 @@ def register(method: Method | type[Method], *, replace: bool = False) -> Method:
     return method
 
 
+def is_builtin(method: Method) -> bool:
+    """Whether ``method`` comes with jsr (its class is defined in one of :data:`BUILTIN_MODULES`)."""
+    return type(method).__module__ in BUILTIN_MODULES
+
+
 def unregister(name: str) -> None:
     """Remove the method ``name`` (a no-op when it is not registered): for tests and notebooks that register a
     throw-away method, which would otherwise stay a candidate of ``pick_method``'s automatic choice."""

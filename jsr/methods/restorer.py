@@ -92,7 +92,9 @@ def pick_method(method: str, source: Source) -> Method:
                 fits.append(cand)
         if not fits:
             raise ValueError(f"no method uses the trees given ({', '.join(sorted(given)) or 'none'}); pass --method")
-        m = min(fits, key=lambda c: len(c.roles))  # min() keeps registration order on ties
+        # Built-in methods first, then the fewest roles (min() keeps registration order on ties): a plugin that
+        # fits the trees as well as a built-in must not take over the automatic choice.
+        m = min(fits, key=lambda c: (not registry.is_builtin(c), len(c.roles)))
     roles = m.normalize_roles(source.roles)
     extra = set(roles) - set(m.roles)
     if extra:
