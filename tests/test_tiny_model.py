@@ -91,3 +91,26 @@ def test_a_concurrent_writer_leaves_no_temporary_folder(written, tmp_path):
         broken.mkdir()
         (broken / "y").write_text("y")
         tiny._publish(broken, tmp_path / "other", "model_index.json")
+
+
+def test_random_stand_ins_also_trace():
+    """The host-drawn stand-ins (random LPIPS trunk, random teacher LoRAs) inside ``jax.eval_shape``, as
+    benchmarks/export_programs.py builds a full-size set-up from abstract weights: same shapes, no error."""
+    import types
+
+    import ml_collections
+
+    from jsr.methods import common
+    from jsr.models import lora as L
+    from jsr.weights.vae import vae_from_config
+
+    cfg = ml_collections.ConfigDict({"loss": {"lpips": 2.0, "lpips_vgg": "", "lpips_heads": ""}})
+    random_base = types.SimpleNamespace(random_weights=True)
+    concrete = common.lpips_params(cfg, random_base, jax.random.key(0))
+    traced = jax.eval_shape(lambda k: common.lpips_params(cfg, random_base, k), jax.random.key(0))
+    assert jax.tree.map(np.shape, concrete) == jax.tree.map(lambda a: a.shape, traced)
+    vae = random_params(vae_from_config(tiny.preset("tiny")["vae"]), 0)
+    lo = common.random_lora(jax.random.key(1), vae, L.OSEDIFF_VAE)
+    lo_traced = jax.eval_shape(lambda k: common.random_lora(k, vae, L.OSEDIFF_VAE), jax.random.key(1))
+    assert jax.tree.map(np.shape, lo.factors) == jax.tree.map(lambda a: a.shape, lo_traced.factors)
+    assert all(np.abs(np.asarray(b)).max() > 0 for b in jax.tree.leaves(lo.factors))  # b is not zero

@@ -121,17 +121,18 @@ def lpips_params(config: Any, base: Any, rng: jax.Array) -> Any:
     :mod:`jsr.metrics.files`, as evaluate.py finds them); a random trunk on random bases only."""
     from jsr.metrics import files
     from jsr.metrics.lpips import LPIPS, load_lpips_params
-    from jsr.models.common import random_params
+    from jsr.models.common import init_params, random_params
 
     paths = [p for p in (config.loss.lpips_vgg, config.loss.lpips_heads) if p]
     if paths:
         return load_lpips_params(*paths)
-    # Random trunks are drawn on the host (random_params): compiling LPIPS' init cost ~20 s of a tiny run's start.
-    seed = int(np.asarray(jax.random.key_data(rng)).ravel()[-1])
-    if not config.loss.lpips:
-        return random_params(LPIPS(), seed)  # unused by the loss: shapes only matter
-    if base.random_weights:
-        return random_params(LPIPS(), seed)  # random trunk: random-base runs (the tiny model) never look for files
+    if not config.loss.lpips or base.random_weights:
+        # Unused by the loss (shapes only matter), or a random trunk: random-base runs (the tiny model) never look
+        # for files. Drawn on the host (compiling LPIPS' init cost ~20 s of a tiny run's start); traced (the
+        # abstract set-up of benchmarks/export_programs.py) it stays in the program.
+        if isinstance(rng, jax.core.Tracer):
+            return init_params(LPIPS(), rng)
+        return random_params(LPIPS(), int(np.asarray(jax.random.key_data(rng)).ravel()[-1]))
     found = files.discover("lpips")
     if found is None:
         raise ValueError("loss.lpips > 0 needs LPIPS weights: " + files.why_missing("lpips", how=True) +
