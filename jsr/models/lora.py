@@ -260,16 +260,9 @@ def init(rng: jax.Array, params: Mapping, spec: LoRASpec, indexed: Iterable[str]
                 alpha=float(spec.alpha))
 
 
-def normal_rows(rng: jax.Array, ids: tuple, size: int) -> jax.Array:
-    """[len(ids), size] float32 standard normals, row ``i`` drawn from ``fold_in(rng, ids[i])``: many factors'
-    random values from one small program (cut the rows on the host), each independent of which others exist."""
-    return _normal_rows(rng, jnp.asarray(ids, jnp.uint32), size)
-
-
-@functools.partial(jax.jit, static_argnums=(2,))
-def _normal_rows(rng: jax.Array, ids: jax.Array, size: int) -> jax.Array:
-    # ids are an argument, not a static tuple: as constants they made XLA fold a program per id set (~1.3 s each).
-    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(ids)
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _draw(rng: jax.Array, ids: tuple, size: int) -> jax.Array:
+    keys = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.asarray(ids, jnp.uint32))
     return jax.vmap(lambda k: jax.random.normal(k, (size,), jnp.float32))(keys)
 
 
@@ -281,7 +274,7 @@ def _init_factors(rng: jax.Array, layers: tuple, rank: int) -> dict:
         return {}
     ids = tuple(zlib.crc32("/".join(path).encode()) & 0x7FFFFFFF for path, _, _ in layers)
     sizes = [math.prod(sa) for _, sa, _ in layers]
-    z = normal_rows(rng, ids, max(sizes))
+    z = _draw(rng, ids, max(sizes))
     xp = jnp if isinstance(z, jax.core.Tracer) else np  # traced (jit/eval_shape): stay in the program
     z = z if xp is jnp else np.asarray(z)
     flat = {}
