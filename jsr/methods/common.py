@@ -18,6 +18,7 @@ from absl import logging
 from flax import traverse_util
 
 from jsr.models import lora as L
+from jsr.models.common import host_rng
 from jsr.sr import losses
 from jsr.sr.teachers import UNetTeacher
 
@@ -132,7 +133,7 @@ def lpips_params(config: Any, base: Any, rng: jax.Array) -> Any:
         # abstract set-up of benchmarks/export_programs.py) it stays in the program.
         if isinstance(rng, jax.core.Tracer):
             return init_params(LPIPS(), rng)
-        return random_params(LPIPS(), int(np.asarray(jax.random.key_data(rng)).ravel()[-1]))
+        return random_params(LPIPS(), rng)
     found = files.discover("lpips")
     if found is None:
         raise ValueError("loss.lpips > 0 needs LPIPS weights: " + files.why_missing("lpips", how=True) +
@@ -156,9 +157,8 @@ def random_lora(rng: jax.Array, params: Any, spec: L.LoRASpec, std: float = 0.02
             flat[p] = std * jax.random.normal(jax.random.fold_in(key, zlib.crc32("/".join(p).encode()) & 0x7FFFFFFF),
                                               flat[p].shape, jnp.float32)
     else:
-        words = [int(w) for w in np.asarray(jax.random.key_data(key)).ravel()]
         for p in paths:
-            gen = np.random.default_rng([*words, zlib.crc32("/".join(p).encode())])
+            gen = host_rng(key, "/".join(p))
             flat[p] = jnp.asarray((std * gen.standard_normal(flat[p].shape)).astype(np.float32))
     return dataclasses.replace(lo, factors=traverse_util.unflatten_dict(flat))
 

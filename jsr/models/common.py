@@ -27,8 +27,19 @@ def init_params(module: nn.Module, rng: jax.Array) -> Any:
     return jax.jit(lambda key: nn.meta.unbox(module.init(key, *module.example_inputs())["params"]))(rng)
 
 
-def random_params(module: nn.Module, seed: int, noise: float = 0.02) -> Any:
-    """Seeded random parameters for ``module`` (a jsr Flax model with ``example_inputs()``), as numpy arrays of
+def host_rng(seed: int | jax.Array, path: str) -> np.random.Generator:
+    """A numpy generator for one named leaf (``path``, e.g. ``"down_blocks_0/conv1/kernel"``) of a seeded random
+    tree: ``seed`` an int or a concrete JAX key (its key data words). Keyed by the path, so a leaf's values do not
+    depend on which other leaves exist. Host-side random stand-ins use it instead of a JAX draw per leaf, which
+    compiles a program per shape."""
+    words = [int(w) for w in np.asarray(jax.random.key_data(seed)).ravel()] if isinstance(seed, jax.Array) \
+        else [int(seed)]
+    return np.random.default_rng([*words, zlib.crc32(path.encode())])
+
+
+def random_params(module: nn.Module, seed: int | jax.Array, noise: float = 0.02) -> Any:
+    """Seeded random parameters for ``module`` (a jsr Flax model with ``example_inputs()``; ``seed`` an int or a
+    concrete JAX key, see :func:`host_rng`), as numpy arrays of
     the parameters' dtypes, drawn on the host without compiling anything: for stand-in models of runs without
     weights (the embedded tiny model, a random LPIPS trunk). Not for modules whose initialisation is part of the
     method (zero-initialised heads): use :func:`init_params` there.
@@ -46,8 +57,7 @@ def random_params(module: nn.Module, seed: int, noise: float = 0.02) -> Any:
     shapes = abstract_params(module)
 
     def draw(path, leaf):
-        name = jax.tree_util.keystr(path, simple=True, separator="/")
-        rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
+        rng = host_rng(seed, jax.tree_util.keystr(path, simple=True, separator="/"))
         shape, last = tuple(leaf.shape), str(getattr(path[-1], "key", path[-1]))
         if last == "kernel":
             base = rng.standard_normal(shape) / np.sqrt(max(1, int(np.prod(shape[:-1]))))
