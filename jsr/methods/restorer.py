@@ -188,16 +188,7 @@ def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Seq
 
     def latent(z, opts: RestoreOptions, ctx=None):
         traced, static = split_knobs(m, {**defaults, **opts.knobs})
-        cz = c
-        if ctx is not None:  # one context per image; a batch of tiles stacks the images' tiles tile by tile
-            cz = jnp.tile(ctx, (z.shape[0] // ctx.shape[0], 1, 1)) if ctx.shape[0] != z.shape[0] else ctx
-        x_lq = None
-        if m.uses_image:
-            f = int(round(((z.shape[-1] - 4) // 3) ** 0.5))  # 8x8x3 pixel channels per latent
-            b, h, w, _ = z.shape
-            x_lq = (jnp.asarray(z[..., 4:]).reshape(b, h, w, f, f, 3).transpose(0, 1, 3, 2, 4, 5)
-                    .reshape(b, h * f, w * f, 3))
-            z = z[..., :4]
+        z, cz, x_lq = _latent_inputs(m, z, c, ctx, jnp)
         return forward(models, up, trees, z, cz, traced, static, x_lq)
 
     dp = DataParallel(devices) if devices is not None and len(devices) > 1 else None
@@ -207,6 +198,25 @@ def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Seq
     return Restorer(encode=encode, latent=latent, decode=decode, method=m.name, knobs=honoured, factor=factor,
                     tiled_vae=TiledVAE(models, vp, vae_lora, dp), knob_defaults=defaults, uses_image=m.uses_image,
                     label=m.label, context=context if m.has_context() else None, devices=1 if dp is None else dp.size)
+
+
+def _latent_inputs(m: Method, z: Any, c: Any, ctx: Any, xp: Any) -> tuple[Any, Any, Any]:
+    """``(z, context, x_lq)`` for a method's forward from the restorer's latent batch ``z`` [B, h, w, 4 (+ 3 f^2
+    pixel channels when the method uses the image)]: ``ctx`` (one context per image, or None: the prompt ``c``)
+    repeated for each image's tiles in the call, and the pixel channels unpacked to ``x_lq`` [B, h f, w f, 3]
+    (None otherwise). ``xp``: ``jnp`` (one device) or ``np`` (host arrays a data-parallel map splits)."""
+    z = xp.asarray(z)
+    cz = c
+    if ctx is not None:  # a batch of tiles stacks the images' tiles tile by tile
+        ctx = xp.asarray(ctx)
+        cz = xp.tile(ctx, (z.shape[0] // ctx.shape[0], 1, 1)) if ctx.shape[0] != z.shape[0] else ctx
+    x_lq = None
+    if m.uses_image:
+        f = int(round(((z.shape[-1] - 4) // 3) ** 0.5))  # 8x8x3 pixel channels per latent
+        b, h, w, _ = z.shape
+        x_lq = z[..., 4:].reshape(b, h, w, f, f, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * f, w * f, 3)
+        z = z[..., :4]
+    return z, cz, x_lq
 
 
 def _data_parallel_maps(dp: DataParallel, m: Method, models: Any, unet_params: Any, vae_params: Any, vae_lora: Any,
@@ -250,17 +260,7 @@ def _data_parallel_maps(dp: DataParallel, m: Method, models: Any, unet_params: A
 
     def latent(z, opts: RestoreOptions, ctx=None):
         traced, static = split_knobs(m, {**defaults, **opts.knobs})
-        z = np.asarray(z)
-        cz = c
-        if ctx is not None:  # one context per image, repeated for each of its tiles in the call (as one device)
-            ctx = np.asarray(ctx)
-            cz = np.tile(ctx, (z.shape[0] // ctx.shape[0], 1, 1)) if ctx.shape[0] != z.shape[0] else ctx
-        x_lq = None
-        if m.uses_image:
-            f = int(round(((z.shape[-1] - 4) // 3) ** 0.5))
-            b, h, w, _ = z.shape
-            x_lq = z[..., 4:].reshape(b, h, w, f, f, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * f, w * f, 3)
-            z = z[..., :4]
+        z, cz, x_lq = _latent_inputs(m, z, c, ctx, np)  # on the host: the map splits the rows over the devices
         return forward_program(static, ctx is not None)(up, trees, z, cz, traced, x_lq)
 
     return encode, latent, decode, context
