@@ -61,6 +61,30 @@ def test_chunked_handles_ragged_last_chunk_and_jit(qkv):
     np.testing.assert_allclose(np.asarray(f(q, k, v)), _reference(q, k, v), atol=2e-5)
 
 
+def test_long_key_sequences_take_the_key_blocked_path(qkv, monkeypatch):
+    """Over KEY_BLOCKED_FROM keys an unmasked chunked call runs the running-softmax recurrence over key blocks
+    (the staged VAE's whole-image attention on large images); shrunk here so that 200 keys make 4 blocks, the
+    last one ragged (masked padding), and 300 queries 3 ragged query blocks. Values and gradients against the
+    float64 reference / the plain path, within float32 round-off."""
+    q, k, v = qkv
+    monkeypatch.setattr(attention, "KEY_BLOCKED_FROM", 100)
+    monkeypatch.setattr(attention, "KEY_BLOCK", 64)
+    monkeypatch.setattr(attention, "KEY_BLOCKED_QUERIES", 128)
+    f = lambda q, k, v: attention.dot_product_attention(q, k, v, impl="chunked")  # noqa: E731
+    assert "scan" in str(jax.make_jaxpr(f)(q, k, v))  # the key-blocked path ran (the query-blocked one has none)
+    np.testing.assert_allclose(np.asarray(jax.jit(f)(q, k, v)), _reference(q, k, v), atol=2e-5)
+    loss = lambda g: lambda q, k, v: jnp.sum(jnp.sin(g(q, k, v)))  # noqa: E731
+    got = jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(lambda q, k, v: attention.dot_product_attention(q, k, v, impl="xla")), argnums=(0, 1, 2))(
+        q, k, v)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5)
+    # Masked calls keep the query-blocked path (the recurrence takes no mask).
+    mask = jnp.tril(jnp.ones((300, 200), bool))
+    out = attention.dot_product_attention(q, k, v, mask=mask, impl="chunked")
+    np.testing.assert_allclose(np.asarray(out), _reference(q, k, v, np.asarray(mask)), atol=2e-5)
+
+
 def test_auto_choices():
     r = attention.resolve_implementation
     assert r("auto", (1, 4096, 5, 64), (1, 77, 5, 64), jnp.float32) == "xla"  # cross-attention stays plain

@@ -8,7 +8,9 @@ implementation is a config string so the same weights run on CPU, GPU and TPU:
 ``"cudnn"``    ``jax.nn.dot_product_attention(implementation="cudnn")``: cuDNN flash attention (GPU, bf16/f16).
 ``"chunked"``  blocked attention, one head and ``chunk_size`` queries at a time (default: a ~16 MB score block):
                memory grows linearly with the token count (1024+ px images), and it is the fastest form on
-               XLA:CPU. ``auto`` uses it on CPU for long sequences.
+               XLA:CPU. ``auto`` uses it on CPU for long sequences. Unmasked calls over more than 16,384 keys
+               (the staged VAE's whole-image mid-block attention on large images) also split the keys, with a
+               running softmax (``KEY_BLOCKED_FROM``).
 ``"splash"``   Pallas splash attention (``jsr.models.splash_attention``): the TPU flash kernel, head dims padded to
                128, sequences padded to its blocks. Block sizes ride in the name: ``"splash:block_q=256,block_kv=512"``
                (``SplashConfig``'s fields; e.g. ``--config.model.attention=splash:block_q=256``). Under a mesh
@@ -80,9 +82,59 @@ def _block_size(lk: int, chunk_size: int | None) -> int:
     return max(128, 1 << int(math.log2(max(1, (4 << 20) // lk))))
 
 
+# Beyond this many keys an unmasked ``chunked`` call also splits the keys (online softmax over key blocks of
+# ``KEY_BLOCK``, queries in blocks of ``KEY_BLOCKED_QUERIES``): a [block, Lk] score block no longer fits the cache
+# (with Lk = 187,500, the staged VAE's mid-block over a 4000x3000 image, a 128-query block is 96 MB), and
+# streaming it through memory several times dominated. Measured on the 2-core CI machine under load (2026-11-30):
+# 4096 queries x 187,500 keys, head dim 32: 8.8 s -> 3.7 s; 2048 x 32,768, dim 512: 4.6 s -> 2.5 s;
+# 4096 x 32,768, dim 32: 0.91 s -> 0.67 s. Shorter key sequences (every UNet call up to 1024-px crops: 16,384
+# tokens at most) keep the query-blocked path.
+KEY_BLOCKED_FROM = 16385
+KEY_BLOCK = 4096
+KEY_BLOCKED_QUERIES = 512
+
+
+def _key_blocked(qh, kh, vh):
+    """Unmasked attention of ``qh`` [N, Lq, D] (scaled) over ``kh``, ``vh`` [N, Lk, D] with a running max and
+    sum over key blocks (the flash-attention recurrence, in float32): no [Lq, Lk] block is ever held whole."""
+    n, lq, d = qh.shape
+    lk = kh.shape[1]
+    bq, bk = min(KEY_BLOCKED_QUERIES, lq), KEY_BLOCK
+    nq, nk = -(-lq // bq), -(-lk // bk)
+    qb = jnp.pad(qh, ((0, 0), (0, nq * bq - lq), (0, 0))).reshape(n, nq, bq, d)
+    kb = jnp.pad(kh, ((0, 0), (0, nk * bk - lk), (0, 0))).reshape(n, nk, bk, d)
+    vb = jnp.pad(vh, ((0, 0), (0, nk * bk - lk), (0, 0))).reshape(n, nk, bk, d)
+    valid = (jnp.arange(nk * bk) < lk).reshape(nk, bk)
+
+    def one_query_block(q, ks, vs):
+        def add_keys(carry, block):
+            m, total, acc = carry
+            kk, vv, ok = block
+            s = jnp.einsum("qd,kd->qk", q, kk, preferred_element_type=jnp.float32)
+            s = jnp.where(ok[None, :], s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            p = jnp.exp(s - m_new[:, None])
+            shrink = jnp.exp(m - m_new)
+            acc = acc * shrink[:, None] + jnp.matmul(p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
+            return (m_new, total * shrink + jnp.sum(p, axis=-1), acc), None
+
+        init = (jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32),
+                jnp.zeros((bq, d), jnp.float32))
+        (_, total, acc), _ = jax.lax.scan(add_keys, init, (ks, vs, valid))
+        return (acc / total[:, None]).astype(vh.dtype)
+
+    out = jax.lax.map(lambda a: jax.lax.map(lambda q: one_query_block(q, a[1], a[2]), a[0]), (qb, kb, vb))
+    return out.reshape(n, nq * bq, d)[:, :lq]
+
+
 def _chunked(q, k, v, mask, scale, chunk_size):
     b, lq, h, d = q.shape
     lk = k.shape[1]
+    if mask is None and chunk_size is None and lk >= KEY_BLOCKED_FROM:
+        qh = jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2).reshape(b * h, lq, d)
+        kh = jnp.swapaxes(k, 1, 2).reshape(b * h, lk, d)
+        vh = jnp.swapaxes(v, 1, 2).reshape(b * h, lk, d)
+        return jnp.swapaxes(_key_blocked(qh, kh, vh).reshape(b, h, lq, d), 1, 2)
     block = min(_block_size(lk, chunk_size), lq)
     n_blocks = math.ceil(lq / block)
     pad = n_blocks * block - lq
