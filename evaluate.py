@@ -144,6 +144,9 @@ def _setup():
         print(describe_devices(devices), file=sys.stderr, flush=True)
         restorer = load_restorer(_MODEL.value, _LORA.value, method=_METHOD.value, dtype=_DTYPE.value,
                                  prompt=_PROMPT.value, attention_impl=_ATTENTION.value, devices=devices)
+        from jsr.sr.speed import speed_log
+
+        restorer.speed = speed_log()  # time estimates in the plan line of large images, from earlier runs
         if sweep is None:  # a knob with a default sweep (CTSR's t) that the model honours and nobody set
             method = jsr.methods.get(restorer.method)
             for k in method.knobs:

@@ -44,6 +44,7 @@ from jsr.sr import colorfix
 from jsr.sr.data_parallel import describe as describe_devices
 from jsr.sr.data_parallel import select_devices
 from jsr.sr.infer import Restorer, RestoreOptions, upscale_bicubic
+from jsr.sr.speed import speed_log
 
 # Files are read and written by jsr.data.images (one reader for inference, training data and metrics); its names
 # stay importable from here.
@@ -407,6 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         restorer = load_restorer(args.model, args.lora, method=args.method, dtype=args.dtype, prompt=args.prompt,
                                  attention_impl=args.attention, devices=devices)
         check_options(restorer, opts)
+        restorer.speed = speed_log()  # time estimates in the plan line, from earlier runs' timings
     except (ValueError, FileNotFoundError, OSError) as e:
         return report_user_error(e)
     batch_size = len(devices) if args.batch_size is None else args.batch_size

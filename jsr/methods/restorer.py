@@ -195,9 +195,14 @@ def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Seq
     if dp is not None:
         encode, latent, decode, context = _data_parallel_maps(dp, m, models, up, vp, vae_lora, trees, c, defaults)
     factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    # What the speed log (jsr.sr.speed) keys its timings by: what changes a call's cost, not the weights' values.
+    dtype_name = jnp.dtype(jax.tree.leaves(up)[0].dtype).name
+    profile = (f"{base.path} | {m.name} [{','.join(sorted(trees))}] | {dtype_name} | {attention_impl} | "
+               f"{1 if dp is None else dp.size} device(s)")
     return Restorer(encode=encode, latent=latent, decode=decode, method=m.name, knobs=honoured, factor=factor,
                     tiled_vae=TiledVAE(models, vp, vae_lora, dp), knob_defaults=defaults, uses_image=m.uses_image,
-                    label=m.label, context=context if m.has_context() else None, devices=1 if dp is None else dp.size)
+                    label=m.label, context=context if m.has_context() else None, devices=1 if dp is None else dp.size,
+                    profile=profile)
 
 
 def _latent_inputs(m: Method, z: Any, c: Any, ctx: Any, xp: Any) -> tuple[Any, Any, Any]:

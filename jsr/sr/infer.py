@@ -41,6 +41,7 @@ import dataclasses
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -51,6 +52,7 @@ from PIL import Image
 
 from jsr.console import compiling, notice
 from jsr.sr import colorfix, tiling
+from jsr.sr.speed import Phase, SpeedLog, describe_duration
 from jsr.sr.staged_tiling import TiledVAE
 
 
@@ -137,6 +139,8 @@ class MemoryPlan:
         parameters and temporaries; a call on several devices splits its tiles evenly).
       steps: progress steps (VAE stage calls, latent tiles).
       budget: ``max_memory`` (0: none); ``spill_dir``: where carries are spilled.
+      phases: the steps by phase (``encode``, ``latent``, ``decode``: :class:`jsr.sr.speed.Phase`, what a time
+        estimate multiplies).
     """
 
     shape: tuple[int, ...]
@@ -148,6 +152,7 @@ class MemoryPlan:
     steps: int
     budget: int = 0
     spill_dir: str = ""
+    phases: tuple[Phase, ...] = ()
 
     def describe(self) -> str:
         """One line for the console: the plan and the estimate."""
@@ -184,7 +189,9 @@ class Restorer:
     cross-attention context comes from the image); ``None``: ``latent(z, options)``. ``devices``: how many
     devices the maps split each batch over (:mod:`jsr.sr.data_parallel`); ``tiles_per_call`` is then rounded up
     to a multiple of it (:meth:`device_options`), so every device gets as many tiles per call as one device
-    would with the option as given.
+    would with the option as given. ``speed``: a :class:`jsr.sr.speed.SpeedLog` that every call records its
+    timings in and the plan line takes a time estimate from, keyed by ``profile`` (what changes a call's cost:
+    base, method and trees, dtype, attention, devices); ``None``: no timing kept.
     """
 
     encode: EncodeFn
@@ -199,10 +206,15 @@ class Restorer:
     label: str = ""
     context: Callable[[Any, "RestoreOptions"], Any] | None = None
     devices: int = 1
+    profile: str = ""
+    speed: SpeedLog | None = None
     # Caches, per instance: init=False so that dataclasses.replace (a restorer with another tiled_vae, say)
     # starts with empty ones instead of sharing plans made for the original.
     _sizes_seen: set = dataclasses.field(default_factory=set, init=False, repr=False, compare=False)
     _plans: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    # The last call's seconds per progress step by phase, and whether it met a new size (so compiled).
+    last_timing: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    last_compiled: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     def __call__(self, x_up: np.ndarray, opts: RestoreOptions = RestoreOptions(),
                  progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -216,19 +228,22 @@ class Restorer:
         padded, size = tiling.pad_to_multiple(x_up, max(self.factor, opts.pad_multiple))
         plan = self.plan(padded.shape, opts)
         key = (padded.shape, opts.latent_tile, opts.vae_tile, opts.tiles_per_call, opts.max_memory)
+        self.last_compiled = key not in self._sizes_seen
+        clock = _StepClock(progress)
+        self.last_timing = clock.timing
         if key not in self._sizes_seen:  # a new size compiles what it needs: minutes for a real model on a CPU
             self._sizes_seen.add(key)
             b, h, w, _ = padded.shape
             compiling(f"the {self.method} restorer for {b} x {w}x{h} images")
             if opts.max_memory or "whole" not in (plan.encode, plan.decode):
-                notice("plan: " + plan.describe())
+                notice("plan: " + plan.describe() + ("" if self.speed is None else "; " + self.time_note(plan)))
         # [-1, 1], in place where padding made a copy (the caller's array is never written); the padded copy is
         # not kept beside it: at 8000x6000 every image-sized float32 buffer is 576 MB.
         x = padded if padded is not x_up else np.array(padded)
         x *= 2.0
         x -= 1.0
         del padded
-        z = self._encode(x, opts, plan.encode, progress)
+        z = self._encode(x, opts, plan.encode, clock.phase("encode"))
         if self.uses_image:  # the pixels under each latent travel with it through the tiler (8x8 -> 192 channels)
             b, h, w, _ = z.shape
             f = self.factor
@@ -242,20 +257,35 @@ class Restorer:
             step = lambda zt: self.latent(zt, opts, ctx)  # noqa: E731
         del x
         z = tiling.tiled_map(step, z, opts.latent_tile, opts.latent_overlap, tiles_per_call=opts.tiles_per_call,
-                             progress=progress)
-        y = self._decode(z, opts, plan.decode, progress)
+                             progress=clock.phase("latent"))
+        y = self._decode(z, opts, plan.decode, clock.phase("decode"))
         if not y.flags.writeable:  # a view of a device buffer (untiled decode): small, copy it
             y = np.array(y)
         y = tiling.crop_to(y, size)
         np.clip(y, -1.0, 1.0, out=y)
         y += 1.0
         y /= 2.0
+        if self.speed is not None:
+            self.speed.record(self.profile, plan.phases, clock.timing, compiled=self.last_compiled)
         if len(y) == 1:
             return np.asarray(colorfix.color_fix(y, x_up, opts.color_fix, clip=True), np.float32)
         # Image by image: XLA's CPU reductions round differently at another batch size, and an image's colours
         # should not depend on what it was batched with (or on how many devices split the batch).
         return np.concatenate([np.asarray(colorfix.color_fix(y[i:i + 1], x_up[i:i + 1], opts.color_fix, clip=True),
                                           np.float32) for i in range(len(y))])
+
+    def estimate_seconds(self, plan: MemoryPlan) -> float | None:
+        """Seconds the model calls of ``plan`` take, from :attr:`speed`'s timings of this restorer's
+        configuration (:attr:`profile`) on this machine; None without a log or a timing of every phase."""
+        return None if self.speed is None else self.speed.estimate(self.profile, plan.phases)
+
+    def time_note(self, plan: MemoryPlan) -> str:
+        """``time ~3 min 20 s ...`` for the plan line, or why there is no estimate yet."""
+        seconds = self.estimate_seconds(plan)
+        if seconds is None:
+            return ("time: no estimate yet (this model's calls at this size have not been timed on this machine; "
+                    "the next run will know)")
+        return f"time {describe_duration(seconds)} of model calls (timed on an earlier run here), compiling aside"
 
     def device_options(self, opts: RestoreOptions) -> RestoreOptions:
         """``opts`` with ``tiles_per_call`` rounded up to a multiple of :attr:`devices` (a call's tiles are
@@ -306,18 +336,25 @@ class Restorer:
         enc_fixed, dec_fixed = 2 * image, image
         step_fixed = 2 * image + (2 * image if self.uses_image else 0)
         fix_peak = 5 * image
+        lt_phase = Phase("latent", "tiles", lt_steps, 1,
+                         tiling.call_shape(latent, opts.latent_tile, opts.latent_overlap, 1, opts.tiles_per_call))
         if not tiled:
+            phases = (Phase("encode", "whole", 1, 1, (b, h, w)), lt_phase, Phase("decode", "whole", 1, 1, latent[:3]))
             return MemoryPlan((b, h, w, 3), "whole", "whole", max(enc_fixed, step_fixed, dec_fixed + image, fix_peak),
-                              0, 0, 2 + lt_steps, budget, opts.spill_dir)
+                              0, 0, 2 + lt_steps, budget, opts.spill_dir, phases)
         # Calls of blended VAE tiles (tiling.tiled_encode's rounding of the tile and overlap to whole latents).
-        enc_blended = tiling.tile_calls((b, h, w, 3), max(f, opts.vae_tile - opts.vae_tile % f),
-                                        -(-opts.vae_overlap // f) * f, f, opts.tiles_per_call)
+        enc_tile, enc_overlap = max(f, opts.vae_tile - opts.vae_tile % f), -(-opts.vae_overlap // f) * f
+        enc_blended = tiling.tile_calls((b, h, w, 3), enc_tile, enc_overlap, f, opts.tiles_per_call)
         dec_blended = tiling.tile_calls(latent, dec_tile, dec_overlap, 1, opts.tiles_per_call)
+        blended = {"encode": Phase("encode", "blended", enc_blended, 1, tiling.call_shape(
+                       (b, h, w, 3), enc_tile, enc_overlap, f, opts.tiles_per_call)),
+                   "decode": Phase("decode", "blended", dec_blended, 1, tiling.call_shape(
+                       latent, dec_tile, dec_overlap, 1, opts.tiles_per_call))}
         if self.tiled_vae is None:  # stand-in maps: blended tiles, one tile at a time
             steps = enc_blended + lt_steps + dec_blended
             return MemoryPlan((b, h, w, 3), "blended", "blended",
                               max(enc_fixed, step_fixed, dec_fixed + image + image // 3, fix_peak), 0, 0, steps,
-                              budget, opts.spill_dir)
+                              budget, opts.spill_dir, (blended["encode"], lt_phase, blended["decode"]))
         enc = self.tiled_vae.encode_estimate((b, h, w, 3), opts.vae_tile, opts.vae_overlap, opts.tiles_per_call)
         dec = self.tiled_vae.decode_estimate(latent, dec_tile, dec_overlap, opts.tiles_per_call)
         free = _free_disk(spill_dir)
@@ -336,8 +373,13 @@ class Restorer:
         dec_mode, dec_peak = choose(dec, dec_fixed, image + image // 3)
         steps = (enc.calls if enc_mode != "blended" else enc_blended) + lt_steps + (
             dec.calls if dec_mode != "blended" else dec_blended)
+
+        def staged_phase(name: str, mode: str, est) -> Phase:
+            return blended[name] if mode == "blended" else Phase(name, mode, est.calls, est.stages, est.window)
+
+        phases = (staged_phase("encode", enc_mode, enc), lt_phase, staged_phase("decode", dec_mode, dec))
         return MemoryPlan((b, h, w, 3), enc_mode, dec_mode, max(enc_peak, step_fixed, dec_peak, fix_peak),
-                          used_disk, max(enc.per_call, dec.per_call), steps, budget, opts.spill_dir)
+                          used_disk, max(enc.per_call, dec.per_call), steps, budget, opts.spill_dir, phases)
 
     def _encode(self, x: np.ndarray, opts: RestoreOptions, mode: str,
                 progress: Callable[[int], None] | None) -> np.ndarray:
@@ -366,6 +408,30 @@ class Restorer:
             return self.tiled_vae.decode(z, tile, overlap, opts.tiles_per_call, spill_dir=spill, progress=progress)
         return tiling.tiled_decode(self.decode, z, tile, overlap, opts.tiles_per_call, self.factor,
                                    progress=progress)
+
+
+class _StepClock:
+    """Times a restore's progress steps by phase: each step's seconds since the phase's previous step (or its
+    start), forwarded to ``progress``. ``timing``: ``{phase: [seconds per step, ...]}``."""
+
+    def __init__(self, progress: Callable[[int], None] | None):
+        self.progress = progress
+        self.timing: dict[str, list[float]] = {}
+
+    def phase(self, name: str) -> Callable[[int], None]:
+        """The progress callback of phase ``name``, its clock started now."""
+        durations = self.timing.setdefault(name, [])
+        last = time.perf_counter()
+
+        def step(n: int = 1) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            durations.extend([(now - last) / max(1, n)] * max(1, n))
+            last = now
+            if self.progress is not None:
+                self.progress(n)
+
+        return step
 
 
 def _free_disk(folder: str) -> int:

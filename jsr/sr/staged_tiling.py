@@ -114,6 +114,8 @@ class StagedEstimate:
       disk: disk the spilled run writes at most (one stage's carries in and out).
       per_call: one call's input and output carries (what a device holds besides the parameters and XLA's
         temporaries).
+      stages: programs (one per stage; ``calls / stages`` calls each, stage after stage).
+      window: a call's input shape ``(windows per call x batch, height, width)`` (for time estimates).
     """
 
     windows: int
@@ -122,6 +124,8 @@ class StagedEstimate:
     spilled: int
     disk: int
     per_call: int
+    stages: int = 1
+    window: tuple[int, ...] = ()
 
 
 def _nbytes(tree: Any) -> int:
@@ -257,7 +261,8 @@ class StagedTiler:
         final = b * scaled(h, self.stages[-1].scale) * scaled(w, self.stages[-1].scale) * 4 * out["x"].shape[-1]
         in_memory = max(in_memory, n * _nbytes(carry) + final, n * _nbytes({"x": carry["x"]}) + image_in)
         spilled = max(spilled, _nbytes(carry) + final, image_in)
-        return StagedEstimate(len(windows), len(self.stages) * n, in_memory, spilled, disk, per_call)
+        return StagedEstimate(len(windows), len(self.stages) * n, in_memory, spilled, disk, per_call,
+                              len(self.stages), (k * b, th, tw))
 
     def __call__(self, x: np.ndarray | jax.Array, tile: int, overlap: int, *, align: int = 1,
                  tiles_per_call: int = 1, spill_dir: str | os.PathLike | None = None,

@@ -99,6 +99,20 @@ def tile_calls(shape: Sequence[int], tile: int | Sequence[int], overlap: int, al
     return -(-n // max(1, int(tiles_per_call)))
 
 
+def call_shape(shape: Sequence[int], tile: int | Sequence[int], overlap: int, align: int = 1,
+               tiles_per_call: int = 1) -> tuple[int, int, int]:
+    """The input shape ``(rows, th, tw)`` of each call :func:`tiled_map` makes on an input of ``shape``
+    [B, H, W, C]: every call has one shape (the whole input when it fits one tile)."""
+    b, h, w = shape[0], shape[1], shape[2]
+    th, tw = (tile, tile) if isinstance(tile, int) else tuple(tile)
+    th, tw = min(th, h), min(tw, w)
+    if th >= h and tw >= w:
+        return b, h, w
+    n = (len(tile_starts(h, th, max(0, min(overlap, th - align)), align))
+         * len(tile_starts(w, tw, max(0, min(overlap, tw - align)), align)))
+    return b * min(n, max(1, int(tiles_per_call))), th, tw
+
+
 def tiled_map(fn: ArrayFn, x: jax.Array | np.ndarray, tile: int | Sequence[int], overlap: int, *,
               scale: int | float | Fraction = 1, align: int = 1, tiles_per_call: int = 1,
               var: float = 0.01, progress: Callable[[int], None] | None = None) -> np.ndarray:
