@@ -147,6 +147,7 @@ def _setup():
         from jsr.sr.speed import speed_log
 
         restorer.speed = speed_log()  # time estimates in the plan line of large images, from earlier runs
+        restorer.plan_temporaries = True  # large images' plans count XLA's working memory
         if sweep is None:  # a knob with a default sweep (CTSR's t) that the model honours and nobody set
             method = jsr.methods.get(restorer.method)
             for k in method.knobs:

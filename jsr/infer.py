@@ -409,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  attention_impl=args.attention, devices=devices)
         check_options(restorer, opts)
         restorer.speed = speed_log()  # time estimates in the plan line, from earlier runs' timings
+        restorer.plan_temporaries = True  # large images' plans count XLA's working memory
     except (ValueError, FileNotFoundError, OSError) as e:
         return report_user_error(e)
     batch_size = len(devices) if args.batch_size is None else args.batch_size

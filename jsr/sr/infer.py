@@ -141,6 +141,9 @@ class MemoryPlan:
       budget: ``max_memory`` (0: none); ``spill_dir``: where carries are spilled.
       phases: the steps by phase (``encode``, ``latent``, ``decode``: :class:`jsr.sr.speed.Phase`, what a time
         estimate multiplies).
+      temporaries: XLA's temporary bytes of the largest staged VAE call (``memory_analysis`` of the compiled
+        stage programs, when the restorer plans with them: :attr:`Restorer.plan_temporaries`; -1 when not
+        measured). Device memory; on a CPU that is host memory, and ``host`` includes it.
     """
 
     shape: tuple[int, ...]
@@ -153,6 +156,7 @@ class MemoryPlan:
     budget: int = 0
     spill_dir: str = ""
     phases: tuple[Phase, ...] = ()
+    temporaries: int = -1
 
     def describe(self) -> str:
         """One line for the console: the plan and the estimate."""
@@ -165,7 +169,10 @@ class MemoryPlan:
             est += f" of the {self.budget / GB:.2f} GB budget" + (" (over it: the image's own buffers need that "
                                                                    "much)" if self.host > self.budget else "")
         parts.append(est)
-        parts.append(f"{self.per_call / 2**20:.0f} MB per tile call and device; {self.steps} steps")
+        call = f"{self.per_call / 2**20:.0f} MB per tile call and device"
+        if self.temporaries >= 0:
+            call += f" + {self.temporaries / 2**20:.0f} MB of XLA temporaries"
+        parts.append(f"{call}; {self.steps} steps")
         return "; ".join(parts)
 
 
@@ -191,7 +198,9 @@ class Restorer:
     to a multiple of it (:meth:`device_options`), so every device gets as many tiles per call as one device
     would with the option as given. ``speed``: a :class:`jsr.sr.speed.SpeedLog` that every call records its
     timings in and the plan line takes a time estimate from, keyed by ``profile`` (what changes a call's cost:
-    base, method and trees, dtype, attention, devices); ``None``: no timing kept.
+    base, method and trees, dtype, attention, devices); ``None``: no timing kept. ``plan_temporaries``: plans of
+    staged VAE runs compile the stage programs first (the run reuses them) and count XLA's temporaries
+    (:attr:`MemoryPlan.temporaries`; the command lines turn it on, tests of the plan alone leave it off).
     """
 
     encode: EncodeFn
@@ -208,10 +217,12 @@ class Restorer:
     devices: int = 1
     profile: str = ""
     speed: SpeedLog | None = None
+    plan_temporaries: bool = False
     # Caches, per instance: init=False so that dataclasses.replace (a restorer with another tiled_vae, say)
     # starts with empty ones instead of sharing plans made for the original.
     _sizes_seen: set = dataclasses.field(default_factory=set, init=False, repr=False, compare=False)
     _plans: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    _announced: set = dataclasses.field(default_factory=set, init=False, repr=False, compare=False)
     # The last call's seconds per progress step by phase, and whether it met a new size (so compiled).
     last_timing: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
     last_compiled: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
@@ -226,15 +237,15 @@ class Restorer:
         if x_up.ndim != 4 or x_up.shape[-1] != 3:
             raise ValueError(f"restorer wants NHWC RGB images [B, H, W, 3], got shape {x_up.shape}")
         padded, size = tiling.pad_to_multiple(x_up, max(self.factor, opts.pad_multiple))
-        plan = self.plan(padded.shape, opts)
         key = (padded.shape, opts.latent_tile, opts.vae_tile, opts.tiles_per_call, opts.max_memory)
         self.last_compiled = key not in self._sizes_seen
+        if self.last_compiled:  # a new size compiles what it needs: minutes for a real model on a CPU
+            self._announce(padded.shape)
+        plan = self.plan(padded.shape, opts)
         clock = _StepClock(progress)
         self.last_timing = clock.timing
-        if key not in self._sizes_seen:  # a new size compiles what it needs: minutes for a real model on a CPU
+        if key not in self._sizes_seen:
             self._sizes_seen.add(key)
-            b, h, w, _ = padded.shape
-            compiling(f"the {self.method} restorer for {b} x {w}x{h} images")
             if opts.max_memory or "whole" not in (plan.encode, plan.decode):
                 notice("plan: " + plan.describe() + ("" if self.speed is None else "; " + self.time_note(plan)))
         # [-1, 1], in place where padding made a copy (the caller's array is never written); the padded copy is
@@ -274,6 +285,13 @@ class Restorer:
         return np.concatenate([np.asarray(colorfix.color_fix(y[i:i + 1], x_up[i:i + 1], opts.color_fix, clip=True),
                                           np.float32) for i in range(len(y))])
 
+    def _announce(self, shape: Sequence[int]) -> None:
+        """The compiling notice for padded size ``shape``, once (planning with temporaries compiles too)."""
+        b, h, w = (int(v) for v in shape[:3])
+        if (b, h, w) not in self._announced:
+            self._announced.add((b, h, w))
+            compiling(f"the {self.method} restorer for {b} x {w}x{h} images")
+
     def estimate_seconds(self, plan: MemoryPlan) -> float | None:
         """Seconds the model calls of ``plan`` take, from :attr:`speed`'s timings of this restorer's
         configuration (:attr:`profile`) on this machine; None without a log or a timing of every phase."""
@@ -309,6 +327,8 @@ class Restorer:
         key = (tuple(int(v) for v in shape), opts.vae_tile, opts.vae_overlap, opts.latent_tile, opts.latent_overlap,
                opts.tiles_per_call, opts.max_memory, opts.spill_dir)
         if key not in self._plans:
+            if self.plan_temporaries:
+                self._announce(shape)
             plan = self._plan(shape, opts)
             if self.devices > 1:  # a call's tiles are split evenly (tiles_per_call is a multiple of devices)
                 plan = dataclasses.replace(plan, per_call=plan.per_call // self.devices)
@@ -357,20 +377,28 @@ class Restorer:
                               budget, opts.spill_dir, (blended["encode"], lt_phase, blended["decode"]))
         enc = self.tiled_vae.encode_estimate((b, h, w, 3), opts.vae_tile, opts.vae_overlap, opts.tiles_per_call)
         dec = self.tiled_vae.decode_estimate(latent, dec_tile, dec_overlap, opts.tiles_per_call)
+        temps = [-1, -1]
+        if self.plan_temporaries:
+            temps = [self.tiled_vae.encode_temporaries((b, h, w, 3), opts.vae_tile, opts.vae_overlap,
+                                                       opts.tiles_per_call),
+                     self.tiled_vae.decode_temporaries(latent, dec_tile, dec_overlap, opts.tiles_per_call)]
+            temps = [-1 if t is None else t for t in temps]
+        # XLA's temporaries live beside the carries: in host memory on a CPU, on the accelerator elsewhere.
+        on_host = [max(0, t) if jax.default_backend() == "cpu" else 0 for t in temps]
         free = _free_disk(spill_dir)
         used_disk = 0
 
-        def choose(est, fixed: int, blended_extra: int) -> tuple[str, int]:
+        def choose(est, fixed: int, temp: int, blended_extra: int) -> tuple[str, int]:
             nonlocal used_disk
-            if not budget or fixed + est.in_memory <= budget:
-                return "staged", fixed + est.in_memory
+            if not budget or fixed + temp + est.in_memory <= budget:
+                return "staged", fixed + temp + est.in_memory
             if free >= 1.1 * est.disk:
                 used_disk = max(used_disk, est.disk)
-                return "spilled", fixed + est.spilled
+                return "spilled", fixed + temp + est.spilled
             return "blended", fixed + est.per_call + blended_extra
 
-        enc_mode, enc_peak = choose(enc, enc_fixed, 0)
-        dec_mode, dec_peak = choose(dec, dec_fixed, image + image // 3)
+        enc_mode, enc_peak = choose(enc, enc_fixed, on_host[0], 0)
+        dec_mode, dec_peak = choose(dec, dec_fixed, on_host[1], image + image // 3)
         steps = (enc.calls if enc_mode != "blended" else enc_blended) + lt_steps + (
             dec.calls if dec_mode != "blended" else dec_blended)
 
@@ -378,8 +406,10 @@ class Restorer:
             return blended[name] if mode == "blended" else Phase(name, mode, est.calls, est.stages, est.window)
 
         phases = (staged_phase("encode", enc_mode, enc), lt_phase, staged_phase("decode", dec_mode, dec))
+        temporaries = max([t for t, mode in zip(temps, (enc_mode, dec_mode)) if mode != "blended"], default=-1)
         return MemoryPlan((b, h, w, 3), enc_mode, dec_mode, max(enc_peak, step_fixed, dec_peak, fix_peak),
-                          used_disk, max(enc.per_call, dec.per_call), steps, budget, opts.spill_dir, phases)
+                          used_disk, max(enc.per_call, dec.per_call), steps, budget, opts.spill_dir, phases,
+                          temporaries)
 
     def _encode(self, x: np.ndarray, opts: RestoreOptions, mode: str,
                 progress: Callable[[int], None] | None) -> np.ndarray:

@@ -97,6 +97,7 @@ def _stage_call(stage: Stage, next_groups: int, dp: DataParallel | None = None):
             warnings.filterwarnings("ignore", "Some donated buffers were not usable")
             return jitted(*args)
     run.fn = call  # unjitted, for memory accounting (benchmarks/tiled_vae.py, StagedTiler.estimate)
+    run.jitted = jitted if dp is None else None  # compiled ahead for XLA's memory figures (StagedTiler.temporaries)
     run.next_groups = next_groups
     return run
 
@@ -232,37 +233,67 @@ class StagedTiler:
         windows, groups, _, k, th, tw = self._layout(shape, tile, overlap, align, tiles_per_call)
         b, h, w = shape[0], shape[1], shape[2]
         n = len(groups)
-        sds = jax.ShapeDtypeStruct
-        carry = {"x": sds((k * b, th, tw, shape[3]), dtype)}
-        mean = var = context = None
         in_memory = spilled = disk = per_call = 0
         image_in = int(np.prod(shape)) * np.dtype(dtype).itemsize  # the windows are cut from it
-        for stage, call in zip(self.stages, self.calls):
-            mask = sds((k * b, scaled(th, stage.scale), scaled(tw, stage.scale)), np.float32)
-            out, _ = jax.eval_shape(call.fn, self.params, carry, mean, var, context, mask)
+        for stage, _, (carry, _, _, context, _), out in self._call_specs(shape, dtype, tile, overlap, align,
+                                                                          tiles_per_call):
             c_in, c_out = _nbytes(carry), _nbytes(out)
             ctx = 2 * _nbytes(context)  # the mosaic and its device copy
             in_memory = max(in_memory, n * max(c_in, c_out) + min(c_in, c_out) + ctx)
             spilled = max(spilled, c_in + c_out + ctx)
             disk = max(disk, n * (c_in + c_out))
             per_call = max(per_call, c_in + c_out)
-            gathered = 0
             if stage.gather:
-                context = {key: sds((b, scaled(h, stage.scale), scaled(w, stage.scale), out[key].shape[-1]),
-                                    out[key].dtype) for key in stage.gather}
-                gathered = _nbytes(context)
-                out = {key: v for key, v in out.items() if key not in stage.gather}
+                gathered = _nbytes({key: jax.ShapeDtypeStruct(
+                    (b, scaled(h, stage.scale), scaled(w, stage.scale), out[key].shape[-1]), out[key].dtype)
+                    for key in stage.gather})
                 in_memory = max(in_memory, n * c_out + 2 * gathered)
                 spilled = max(spilled, c_out + 2 * gathered)
-            else:
-                context = None
-            mean = var = None if not call.next_groups else sds((k * b, call.next_groups), np.float32)
-            carry = out
+        carry = {key: v for key, v in out.items() if key not in self.stages[-1].gather}
         final = b * scaled(h, self.stages[-1].scale) * scaled(w, self.stages[-1].scale) * 4 * out["x"].shape[-1]
         in_memory = max(in_memory, n * _nbytes(carry) + final, n * _nbytes({"x": carry["x"]}) + image_in)
         spilled = max(spilled, _nbytes(carry) + final, image_in)
         return StagedEstimate(len(windows), len(self.stages) * n, in_memory, spilled, disk, per_call,
                               len(self.stages), (k * b, th, tw))
+
+    def _call_specs(self, shape: Sequence[int], dtype: Any, tile: int, overlap: int, align: int,
+                    tiles_per_call: int):
+        """Yield ``(stage, call, argument shapes (carry, mean, var, context, mask), output carry shapes)`` of
+        every stage of a run on an input of ``shape``, in order (``jax.eval_shape``: nothing runs)."""
+        _, groups, _, k, th, tw = self._layout(shape, tile, overlap, align, tiles_per_call)
+        b, h, w = shape[0], shape[1], shape[2]
+        sds = jax.ShapeDtypeStruct
+        carry = {"x": sds((k * b, th, tw, shape[3]), dtype)}
+        mean = var = context = None
+        for stage, call in zip(self.stages, self.calls):
+            mask = sds((k * b, scaled(th, stage.scale), scaled(tw, stage.scale)), np.float32)
+            out, _ = jax.eval_shape(call.fn, self.params, carry, mean, var, context, mask)
+            yield stage, call, (carry, mean, var, context, mask), out
+            context = None
+            if stage.gather:
+                context = {key: sds((b, scaled(h, stage.scale), scaled(w, stage.scale), out[key].shape[-1]),
+                                    out[key].dtype) for key in stage.gather}
+                out = {key: v for key, v in out.items() if key not in stage.gather}
+            mean = var = None if not call.next_groups else sds((k * b, call.next_groups), np.float32)
+            carry = out
+
+    def temporaries(self, shape: Sequence[int], dtype: Any, tile: int, overlap: int, *, align: int = 1,
+                    tiles_per_call: int = 1) -> int | None:
+        """The largest XLA temporary buffer bytes of one stage call of a run on an input of ``shape`` (the working
+        memory a call needs beyond its arguments and outputs, from ``memory_analysis()``). Compiles every stage
+        program for this layout, as the run's first calls would (they then reuse them: JAX caches the compiled
+        programs). None when split over several devices (each device's program is accounted there)."""
+        if self.dp is not None:
+            return None
+        temp = 0
+        for _, call, args, _ in self._call_specs(shape, dtype, tile, overlap, align, tiles_per_call):
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Some donated buffers were not usable")
+                compiled = call.jitted.lower(self.params, *args).compile()
+            mem = compiled.memory_analysis()
+            if mem is not None:
+                temp = max(temp, int(mem.temp_size_in_bytes))
+        return temp
 
     def __call__(self, x: np.ndarray | jax.Array, tile: int, overlap: int, *, align: int = 1,
                  tiles_per_call: int = 1, spill_dir: str | os.PathLike | None = None,
@@ -411,3 +442,13 @@ class TiledVAE:
                         tiles_per_call: int = 1) -> StagedEstimate:
         """:meth:`StagedTiler.estimate` of :meth:`decode` on latents of ``shape``."""
         return self._decoder.estimate(shape, np.float32, tile, overlap, tiles_per_call=tiles_per_call)
+
+    def encode_temporaries(self, shape: Sequence[int], tile: int, overlap: int, tiles_per_call: int = 1) -> int | None:
+        """:meth:`StagedTiler.temporaries` of :meth:`encode` on images of ``shape`` (compiles its stages)."""
+        tile, overlap = self._encode_tiles(tile, overlap)
+        return self._encoder.temporaries(shape, np.float32, tile, overlap, align=self.factor,
+                                         tiles_per_call=tiles_per_call)
+
+    def decode_temporaries(self, shape: Sequence[int], tile: int, overlap: int, tiles_per_call: int = 1) -> int | None:
+        """:meth:`StagedTiler.temporaries` of :meth:`decode` on latents of ``shape`` (compiles its stages)."""
+        return self._decoder.temporaries(shape, np.float32, tile, overlap, tiles_per_call=tiles_per_call)
