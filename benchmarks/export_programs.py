@@ -152,6 +152,19 @@ def export_one(key: str, target: str, bases: dict, files: dict, args, xla_flops:
     return row
 
 
+def export_rows(key: str, targets: list[str], bases: dict, files: dict, args):
+    """Yield program ``key``'s row for each target, one GPU first: its export falls back to XLA attention (no
+    cuDNN without a GPU), and those FLOPs are the whole step's; the TPU rows' splash kernels have none in XLA's
+    count and take them (``flops_source``). Each row is printed as it is done."""
+    xla_flops = None
+    for target in sorted(targets, key=lambda t: TARGETS[t][0] != "cuda"):
+        row = export_one(key, target, bases, files, args, xla_flops)
+        if "error" not in row and not row["kernel_calls"]:
+            xla_flops = row["flops"]
+        print(describe(row), flush=True)
+        yield row
+
+
 def describe(row: dict[str, Any]) -> str:
     """One log line of a row."""
     if "error" in row:
@@ -199,16 +212,8 @@ def main() -> None:
         base = P.abstract_base(args.preset, folder=files["base"])
         files["stage1"] = str(P.write_stage1_standin(base, Path(tmp) / "stage1"))
         bases: dict = {}
-        # One GPU first: its export falls back to XLA attention (no cuDNN without a GPU), and those FLOPs are the
-        # whole step's; the TPU rows' splash kernels have none in XLA's count and take them (flops_source).
-        targets.sort(key=lambda t: TARGETS[t][0] != "cuda")
         for key in keys:
-            xla_flops = None
-            for target in targets:
-                row = export_one(key, target, bases, files, args, xla_flops)
-                if "error" not in row and not row["kernel_calls"]:
-                    xla_flops = row["flops"]
-                print(describe(row), flush=True)
+            for row in export_rows(key, targets, bases, files, args):
                 result["rows"].append(row)
                 write_result(result, out)
     print(table(result["rows"]))

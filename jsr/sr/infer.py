@@ -38,15 +38,12 @@ input, the output, the colour fix's temporaries: ~5 x 12 bytes per output pixel 
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
 import tempfile
 import time
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 

@@ -204,7 +204,7 @@ class StagedTiler:
 
     def _layout(self, shape: Sequence[int], tile: int, overlap: int, align: int, tiles_per_call: int):
         """``(windows, groups padded to k windows, real windows per group, k, th, tw)`` for an input ``shape``."""
-        b, h, w = shape[0], shape[1], shape[2]
+        h, w = shape[1], shape[2]
         th, tw = min(tile, h), min(tile, w)
         if h % align or w % align or th % align or tw % align:
             raise ValueError(f"staged tiling: image {h}x{w} and tile {th}x{tw} must be multiples of {align}")
