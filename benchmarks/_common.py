@@ -19,7 +19,7 @@ def environment() -> dict[str, Any]:
     return {"date": time.strftime("%Y-%m-%d"), "machine": platform.node(),
             "host": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
             "jax_backend": jax.default_backend(), "jax_device": str(jax.devices()[0].device_kind),
-            "jax": jax.__version__}
+            "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", "")}
 
 
 def write_result(result: dict[str, Any], path: str | os.PathLike) -> Path:

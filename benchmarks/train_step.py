@@ -198,6 +198,9 @@ def run_method(key: str, prep: dict, compiled, compile_s: float, steps: int) -> 
 
 def main() -> None:
     args = _args()
+    from jsr.cli import cpu_compile_defaults
+
+    cpu_compile_defaults()  # as train.py: XLA:CPU's fast-compile preset (JSR_XLA_CPU_PRESET=default opts out)
     from jsr.sr.base import load_base
     from jsr.weights.tiny import write_tiny_sd
 
