@@ -24,6 +24,7 @@ from typing import Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ColorFix = Literal["adain", "wavelet", "none"]
 METHODS: tuple[str, ...] = ("adain", "wavelet", "none")
@@ -104,3 +105,63 @@ def color_fix(sr: jax.Array, ref: jax.Array, method: str = "adain", clip: bool =
     else:
         raise ValueError(f"unknown colour fix {method!r}; want one of {METHODS}")
     return jnp.clip(out, 0.0, 1.0) if clip else out
+
+
+# Images with at least this many pixels are colour-fixed in bands of rows, in place (:func:`color_fix_inplace`):
+# the whole-image programs hold ~4 image-sized float32 buffers beside the output (576 MB each at 8000x6000).
+BANDED_FROM = 1 << 23
+# Rows per band, and the wavelet pyramid's reach: the blurs at radii 1, 2, ..., 2**(levels-1) move information at
+# most 2**levels - 1 rows, so a band computed with that many rows of context on each side is exact.
+BAND_ROWS = 256
+
+
+def color_fix_inplace(sr: np.ndarray, ref: np.ndarray, method: str = "adain", levels: int = 5,
+                      band_rows: int = BAND_ROWS) -> np.ndarray:
+    """:func:`color_fix` with ``clip=True`` for large images, written over ``sr`` band by band so that memory
+    beyond the two images is a few bands: ``sr`` and ``ref`` are float32 numpy [B, H, W, C] in [0, 1] (``sr``
+    writable; ``ref`` only read). Returns ``sr``.
+
+    AdaIN: the statistics are summed band by band in float64, then the affine map is applied in place (the same
+    formula as :func:`adain`; the result differs from it by float32 rounding of the statistics, ~1e-6). Wavelet:
+    each band is decomposed with ``2**levels - 1`` rows of context from its neighbours (the pyramid's reach), so
+    it equals the whole-image transform up to rounding; the original rows a later band needs as context are kept
+    before a band is overwritten.
+    """
+    if sr.ndim != 4 or sr.shape != ref.shape:
+        raise ValueError(f"colour fix wants two NHWC images of one shape, got {sr.shape} and {ref.shape}")
+    if method not in METHODS:
+        raise ValueError(f"unknown colour fix {method!r}; want one of {METHODS}")
+    if sr.dtype != np.float32 or not sr.flags.writeable:
+        raise ValueError("color_fix_inplace writes over sr: it must be a writable float32 numpy array")
+    h = sr.shape[1]
+    bands = [(r, min(h, r + band_rows)) for r in range(0, h, band_rows)]
+    if method == "adain":
+        m_s, s_s = _channel_stats_banded(sr, bands)
+        m_r, s_r = _channel_stats_banded(ref, bands)
+        scale = (s_r / s_s).astype(np.float32)
+        for r0, r1 in bands:
+            part = sr[:, r0:r1]
+            part -= m_s.astype(np.float32)
+            part *= scale
+            part += m_r.astype(np.float32)
+    elif method == "wavelet":
+        reach = 2 ** levels - 1
+        above = sr[:, :0].copy()  # original rows just above the current band (overwritten already in sr)
+        for r0, r1 in bands:
+            lo, hi = max(0, r0 - reach), min(h, r1 + reach)
+            sr_slab = np.concatenate([above, sr[:, r0:hi]], axis=1)
+            out = np.asarray(wavelet(sr_slab, ref[:, lo:hi], levels))[:, r0 - lo:r1 - lo]
+            above = np.concatenate([above, sr[:, r0:r1]], axis=1)[:, -reach:].copy()  # before it is overwritten
+            sr[:, r0:r1] = out
+    for r0, r1 in bands:
+        np.clip(sr[:, r0:r1], 0.0, 1.0, out=sr[:, r0:r1])
+    return sr
+
+
+def _channel_stats_banded(x: np.ndarray, bands: list[tuple[int, int]], eps: float = 1e-5):
+    """:func:`channel_stats` of numpy ``x`` [B, H, W, C] summed band by band in float64; each [B, 1, 1, C]."""
+    n = x.shape[1] * x.shape[2]
+    total = sum(x[:, r0:r1].sum(axis=(1, 2), keepdims=True, dtype=np.float64) for r0, r1 in bands)
+    mean = total / n
+    sq = sum(np.square(x[:, r0:r1] - mean).sum(axis=(1, 2), keepdims=True) for r0, r1 in bands)
+    return mean, np.sqrt(sq / max(n - 1, 1) + eps)

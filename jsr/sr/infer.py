@@ -32,7 +32,8 @@ far more than the machine has; ``RestoreOptions.max_memory`` makes :meth:`Restor
 while they fit beside the image's own buffers, spill them to disk otherwise, and fall back to blended VAE tiles
 when the disk has no room either. The plan and its estimate are printed when a size is first seen, and
 ``progress`` moves per tile and per VAE stage. What stays proportional to the image: its own float32 buffers (the
-input, the output, the colour fix's temporaries: ~5 x 12 bytes per output pixel at the peak).
+input, the output, the colour fix's temporaries: ~5 x 12 bytes per output pixel at the peak below 8.4 Mpx, ~2
+above it, where the colour fix works in place band by band).
 """
 
 from __future__ import annotations
@@ -198,6 +199,9 @@ class Restorer:
     base, method and trees, dtype, attention, devices); ``None``: no timing kept. ``plan_temporaries``: plans of
     staged VAE runs compile the stage programs first (the run reuses them) and count XLA's temporaries
     (:attr:`MemoryPlan.temporaries`; the command lines turn it on, tests of the plan alone leave it off).
+    ``needs_image(knobs)``: whether a ``uses_image`` latent step reads the pixels at these knob values (the
+    method's ``needs_image``; LFIM methods with both gains off do not): when False the pixels stay out of the
+    tiled latent and the step gets ``z`` [n, h, w, 4] alone.
     """
 
     encode: EncodeFn
@@ -215,6 +219,7 @@ class Restorer:
     profile: str = ""
     speed: SpeedLog | None = None
     plan_temporaries: bool = False
+    needs_image: Callable[[Mapping[str, Any]], bool] | None = None
     # Caches, per instance: init=False so that dataclasses.replace (a restorer with another tiled_vae, say)
     # starts with empty ones instead of sharing plans made for the original.
     _sizes_seen: set = dataclasses.field(default_factory=set, init=False, repr=False, compare=False)
@@ -252,7 +257,7 @@ class Restorer:
         x -= 1.0
         del padded
         z = self._encode(x, opts, plan.encode, clock.phase("encode"))
-        if self.uses_image:  # the pixels under each latent travel with it through the tiler (8x8 -> 192 channels)
+        if self._with_image(opts):  # the pixels under each latent travel with it through the tiler (8x8 -> 192)
             b, h, w, _ = z.shape
             f = self.factor
             px = x.reshape(b, h, f, w, f, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, h, w, f * f * 3)
@@ -275,12 +280,22 @@ class Restorer:
         y /= 2.0
         if self.speed is not None:
             self.speed.record(self.profile, plan.phases, clock.timing, compiled=self.last_compiled)
+        if y.shape[1] * y.shape[2] >= colorfix.BANDED_FROM:  # large: in place, band by band (two images' memory)
+            for i in range(len(y)):
+                colorfix.color_fix_inplace(y[i:i + 1], x_up[i:i + 1], opts.color_fix)
+            return y
         if len(y) == 1:
             return np.asarray(colorfix.color_fix(y, x_up, opts.color_fix, clip=True), np.float32)
         # Image by image: XLA's CPU reductions round differently at another batch size, and an image's colours
         # should not depend on what it was batched with (or on how many devices split the batch).
         return np.concatenate([np.asarray(colorfix.color_fix(y[i:i + 1], x_up[i:i + 1], opts.color_fix, clip=True),
                                           np.float32) for i in range(len(y))])
+
+    def _with_image(self, opts: RestoreOptions) -> bool:
+        """Whether the latent step gets the LQ pixels at ``opts``' knobs (:attr:`needs_image`)."""
+        if not self.uses_image:
+            return False
+        return self.needs_image is None or bool(self.needs_image({**self.knob_defaults, **opts.knobs}))
 
     def _announce(self, shape: Sequence[int]) -> None:
         """The compiling notice for padded size ``shape``, once (planning with temporaries compiles too)."""
@@ -322,7 +337,7 @@ class Restorer:
         options (tracing the full VAE's stages takes seconds)."""
         opts = self.device_options(opts)
         key = (tuple(int(v) for v in shape), opts.vae_tile, opts.vae_overlap, opts.latent_tile, opts.latent_overlap,
-               opts.tiles_per_call, opts.max_memory, opts.spill_dir)
+               opts.tiles_per_call, opts.max_memory, opts.spill_dir, self._with_image(opts))
         if key not in self._plans:
             if self.plan_temporaries:
                 self._announce(shape)
@@ -351,8 +366,9 @@ class Restorer:
         # Host buffers outside the VAE by phase: the caller's image and x while encoding; with the LQ pixels
         # beside the latent (uses_image) while stepping; the output and colour fix's temporaries at the end.
         enc_fixed, dec_fixed = 2 * image, image
-        step_fixed = 2 * image + (2 * image if self.uses_image else 0)
-        fix_peak = 5 * image
+        step_fixed = 2 * image + (2 * image if self._with_image(opts) else 0)
+        # The colour fix: whole-image programs below colorfix.BANDED_FROM pixels, in place by bands above it.
+        fix_peak = 5 * image if h * w < colorfix.BANDED_FROM else 2 * image + image // 8
         lt_phase = Phase("latent", "tiles", lt_steps, 1,
                          tiling.call_shape(latent, opts.latent_tile, opts.latent_overlap, 1, opts.tiles_per_call))
         if not tiled:
