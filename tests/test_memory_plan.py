@@ -160,3 +160,26 @@ def test_plans_with_temporaries_compile_the_stages_once(capsys):
     finally:
         jax.monitoring.unregister_event_duration_listener(listen)
     assert "compiling the" in capsys.readouterr().err
+
+
+def test_lfim_methods_leave_the_pixels_out_when_the_gains_are_off():
+    """OSEDiff declares uses_image for LFIM only: at gains 0 (its default) the restorer leaves the 192 pixel
+    channels out of the tiled latent (two image-sized buffers fewer in the plan) and the output is the one with
+    the pixels carried, bit for bit (LFIM at gains 0 returns the latent unchanged)."""
+    import dataclasses
+
+    from jsr.methods.restorer import load_restorer
+
+    r = load_restorer("tiny")
+    assert r.uses_image and r.method == "osediff"
+    x = np.random.default_rng(3).random((1, 64, 96, 3), np.float32)
+    off, on = RestoreOptions(), RestoreOptions(knobs={"lfim_high": 0.5})
+    assert not r._with_image(off) and r._with_image(on)
+    seen: list[int] = []
+    step = r.latent
+    r.latent = lambda z, *a: (seen.append(z.shape[-1]), step(z, *a))[1]
+    carried = dataclasses.replace(r, needs_image=None)  # the old behaviour: pixels always carried
+    assert carried._with_image(off)
+    np.testing.assert_array_equal(r(x, off), carried(x, off))
+    assert seen == [4, 4 + 192]  # the latent alone, then with the 8x8x3 pixels under each latent
+    assert not np.array_equal(r(x, on), r(x, off))  # and a gain on still reaches LFIM through the pixels

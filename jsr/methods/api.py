@@ -250,6 +250,13 @@ class Method:
         overrides it."""
         return c
 
+    def needs_image(self, knobs: Mapping[str, Any]) -> bool:
+        """Whether :meth:`forward` reads ``x_lq`` at these knob values (concrete, on the host): a method whose
+        image input only serves an optional stage (LFIM's spatial gate) says False when the stage is off, and
+        the restorer then leaves the pixels out of the tiled latent (a quarter of the image's host memory at
+        large sizes) and calls :meth:`forward` with ``x_lq=None``. Default: :attr:`uses_image`."""
+        return self.uses_image
+
     def has_context(self) -> bool:
         """Whether this method overrides :meth:`context`."""
         return type(self).context is not Method.context

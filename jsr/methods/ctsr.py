@@ -35,7 +35,7 @@ import ml_collections
 
 from jsr.methods import common, registry
 from jsr.methods.api import ExportEntry, Knob, Method, TrainSetup, Update
-from jsr.methods.lfim_knobs import LFIM_KNOBS, apply_lfim
+from jsr.methods.lfim_knobs import LFIM_KNOBS, apply_lfim, lfim_on
 from jsr.models import lora as L
 from jsr.sr import generator, losses
 from jsr.sr.teachers import restorer_teacher
@@ -74,6 +74,9 @@ class CTSR(Method):
              needs_text=_NEEDS_CONTROL),
     ) + LFIM_KNOBS
     uses_image = True  # LFIM's spatial gate reads the LQ pixels
+
+    def needs_image(self, knobs):
+        return lfim_on(knobs)  # the pixels serve LFIM only
     preview_knobs = {"t": 0.5}
 
     def config(self):

@@ -51,7 +51,7 @@ import ml_collections
 
 from jsr.methods import common, registry
 from jsr.methods.api import ExportEntry, Method, TrainSetup, Update
-from jsr.methods.lfim_knobs import LFIM_KNOBS, RELEASE_GAINS, apply_lfim
+from jsr.methods.lfim_knobs import LFIM_KNOBS, RELEASE_GAINS, apply_lfim, lfim_on
 from jsr.models import lora as L
 from jsr.models.common import abstract_params
 from jsr.models.lrrb import LRRB, LRRBConfig, init_lrrb_params, lrrb_from_torch, lrrb_refine
@@ -90,6 +90,9 @@ class FiDeSR(Method):
     required_roles = ("unet", "lrrb")
     knobs = LFIM_KNOBS
     uses_image = True  # LFIM's spatial gate reads the LQ pixels
+
+    def needs_image(self, knobs):
+        return lfim_on(knobs)  # the pixels serve LFIM only
 
     def config(self):
         return ml_collections.ConfigDict(dict(

@@ -75,6 +75,12 @@ def _concrete(v: Any) -> float | None:
     return float(v)
 
 
+def lfim_on(knobs: Mapping[str, Any]) -> bool:
+    """Whether LFIM edits anything at these (concrete) knob values: a gain above 0. The LFIM methods'
+    ``needs_image``: with both gains off they need no LQ pixels."""
+    return any(float(knobs.get(k) or 0.0) > 0 for k in ("lfim_low", "lfim_high"))
+
+
 def apply_lfim(z: jax.Array, z_lq: jax.Array, eps_hat: jax.Array | None, x_lq: jax.Array | None,
                knobs: Mapping[str, Any]) -> jax.Array:
     """LFIM on a residual-form method's output latent, from its knob values.
@@ -84,6 +90,7 @@ def apply_lfim(z: jax.Array, z_lq: jax.Array, eps_hat: jax.Array | None, x_lq: j
       z_lq: the LQ latent ``z_L``.
       eps_hat: the residual; ``None``: the implied residual ``z_L - z`` (OSEDiff, CTSR, PiSA-SR).
       x_lq: the upsampled LQ pixels [B, 8h, 8w, 3] in [-1, 1] (``uses_image``); needed only when a gain is on.
+        ``None`` with traced gains: the caller checked on the host that both are off (:func:`lfim_on`).
       knobs: the method's knob values. Without ``lfim_low``/``lfim_high`` (a method calling another's forward
         with ``{}``, as CTSR does with OSEDiff's) nothing is edited.
     Returns:
@@ -99,6 +106,10 @@ def apply_lfim(z: jax.Array, z_lq: jax.Array, eps_hat: jax.Array | None, x_lq: j
     hi = 0.0 if hi is None else hi
     lo_c, hi_c = _concrete(lo), _concrete(hi)
     if lo_c is not None and hi_c is not None and lo_c <= 0 and hi_c <= 0:
+        return z
+    if x_lq is None and (lo_c is None or hi_c is None):
+        # Traced gains without the image: the restorer left the pixels out because it found the gains off
+        # (``needs_image`` / :func:`lfim_on`, checked on the host); at gains <= 0 LFIM returns ``z`` exactly.
         return z
     if x_lq is None:
         raise ValueError("LFIM (lfim_low/lfim_high > 0) needs the LQ image: call forward with x_lq= (the method "

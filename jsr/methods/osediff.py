@@ -20,7 +20,7 @@ import jax
 
 from jsr.methods import common, registry
 from jsr.methods.api import ExportEntry, Method, TrainSetup, Update
-from jsr.methods.lfim_knobs import LFIM_KNOBS, apply_lfim
+from jsr.methods.lfim_knobs import LFIM_KNOBS, apply_lfim, lfim_on
 from jsr.models import lora as L
 from jsr.sr import generator
 
@@ -34,6 +34,9 @@ class OSEDiff(Method):
     roles = {"unet": "generator UNet LoRA (+ full conv_in)", "vae": "VAE-encoder LoRA"}
     knobs = LFIM_KNOBS
     uses_image = True  # LFIM's spatial gate reads the LQ pixels
+
+    def needs_image(self, knobs):
+        return lfim_on(knobs)  # the pixels serve LFIM only
     use_vsd = True
 
     def forward(self, models, unet_params, trees, z_lq, c, knobs, x_lq=None):

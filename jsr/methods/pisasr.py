@@ -16,7 +16,7 @@ import ml_collections
 
 from jsr.methods import common, registry
 from jsr.methods.api import ExportEntry, Knob, Method, TrainSetup, Update
-from jsr.methods.lfim_knobs import LFIM_KNOBS, apply_lfim
+from jsr.methods.lfim_knobs import LFIM_KNOBS, apply_lfim, lfim_on
 from jsr.models import lora as L
 from jsr.sr import generator, losses
 
@@ -33,6 +33,9 @@ class PiSASR(Method):
              needs_text="a PiSA-SR semantic LoRA"),
     ) + LFIM_KNOBS
     uses_image = True  # LFIM's spatial gate reads the LQ pixels
+
+    def needs_image(self, knobs):
+        return lfim_on(knobs)  # the pixels serve LFIM only
 
     def config(self):
         return ml_collections.ConfigDict(dict(pixel_steps=4000))

@@ -71,7 +71,7 @@ from flax import struct
 
 from jsr.methods import common, registry
 from jsr.methods.api import ExportEntry, Knob, Method, TrainSetup, Update
-from jsr.methods.lfim_knobs import LFIM_KNOBS, apply_lfim
+from jsr.methods.lfim_knobs import LFIM_KNOBS, apply_lfim, lfim_on
 from jsr.methods.osediff import FAKE_SCORE_UNET
 from jsr.models import lora as L
 from jsr.models.clip_vision import PREPROCESS_MODES, CLIPVisionConfig, CLIPVisionModel, clip_preprocess
@@ -314,6 +314,9 @@ class RCOD(Method):
     required_roles = ("unet", "proj", "vision")
     knobs = (CODE_KNOB, PREPROCESS_KNOB, ABAR_KNOB) + LFIM_KNOBS
     uses_image = True  # LFIM's spatial gate reads the LQ pixels
+
+    def needs_image(self, knobs):
+        return lfim_on(knobs)  # the pixels serve LFIM only
 
     def config(self):
         return ml_collections.ConfigDict(dict(

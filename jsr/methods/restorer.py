@@ -202,7 +202,7 @@ def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Seq
     return Restorer(encode=encode, latent=latent, decode=decode, method=m.name, knobs=honoured, factor=factor,
                     tiled_vae=TiledVAE(models, vp, vae_lora, dp), knob_defaults=defaults, uses_image=m.uses_image,
                     label=m.label, context=context if m.has_context() else None, devices=1 if dp is None else dp.size,
-                    profile=profile)
+                    profile=profile, needs_image=m.needs_image)
 
 
 def _latent_inputs(m: Method, z: Any, c: Any, ctx: Any, xp: Any) -> tuple[Any, Any, Any]:
@@ -216,7 +216,7 @@ def _latent_inputs(m: Method, z: Any, c: Any, ctx: Any, xp: Any) -> tuple[Any, A
         ctx = xp.asarray(ctx)
         cz = xp.tile(ctx, (z.shape[0] // ctx.shape[0], 1, 1)) if ctx.shape[0] != z.shape[0] else ctx
     x_lq = None
-    if m.uses_image:
+    if m.uses_image and z.shape[-1] > 4:  # without them (Method.needs_image said no): x_lq None
         f = int(round(((z.shape[-1] - 4) // 3) ** 0.5))  # 8x8x3 pixel channels per latent
         b, h, w, _ = z.shape
         x_lq = z[..., 4:].reshape(b, h, w, f, f, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * f, w * f, 3)
