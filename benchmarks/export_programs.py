@@ -97,9 +97,12 @@ def projections(row: dict[str, Any]) -> dict[str, float]:
     return {f"{name} @{int(m * 100)}%": row["flops"] / (n * tflops * 1e12 * m) for m in MFUS}
 
 
-def export_one(key: str, target: str, bases: dict, files: dict, args, xla_flops: float | None = None) -> dict[str, Any]:
+def export_one(key: str, target: str, bases: dict, files: dict, args,
+               xla_flops: dict[int, float] | None = None) -> dict[str, Any]:
     """One row: build ``key`` for ``target`` and export it; when that fails, once more with the XLA attention
-    path in place of cuDNN / Pallas splash (``attention_fallback``; the first error stays in ``first_error``)."""
+    path in place of cuDNN / Pallas splash (``attention_fallback``; the first error stays in ``first_error``).
+    ``xla_flops``: FLOPs of the same step with XLA attention by global batch, when known (a step whose kernels
+    XLA cannot count takes them from there; another batch size is traced afresh)."""
     from jsr.train import programs as P
     from jsr.train.loop import remat_setting, with_remat
 
@@ -129,7 +132,7 @@ def export_one(key: str, target: str, bases: dict, files: dict, args, xla_flops:
         for avoid in ((), FALLBACK):
             t0 = time.perf_counter()
             try:
-                out = P.export_program(program, platform, avoid=avoid, xla_flops=xla_flops)
+                out = P.export_program(program, platform, avoid=avoid, xla_flops=(xla_flops or {}).get(batch))
             except Exception as e:  # noqa: BLE001 - the exact error is the result
                 row.setdefault("first_error", f"{type(e).__name__}: {str(e)[:3000]}")
                 row["error"] = f"{type(e).__name__}: {str(e)[:3000]}"
@@ -155,12 +158,14 @@ def export_one(key: str, target: str, bases: dict, files: dict, args, xla_flops:
 def export_rows(key: str, targets: list[str], bases: dict, files: dict, args):
     """Yield program ``key``'s row for each target, one GPU first: its export falls back to XLA attention (no
     cuDNN without a GPU), and those FLOPs are the whole step's; the TPU rows' splash kernels have none in XLA's
-    count and take them (``flops_source``). Each row is printed as it is done."""
-    xla_flops = None
+    count and take them (``flops_source``) when their global batch is the same (a config batch raised to split
+    over 16 devices is not: that step is lowered with XLA attention for its own count). Each row is printed as
+    it is done."""
+    xla_flops: dict[int, float] = {}
     for target in sorted(targets, key=lambda t: TARGETS[t][0] != "cuda"):
         row = export_one(key, target, bases, files, args, xla_flops)
         if "error" not in row and not row["kernel_calls"]:
-            xla_flops = row["flops"]
+            xla_flops[row["batch"]] = row["flops"]
         print(describe(row), flush=True)
         yield row
 
