@@ -103,7 +103,10 @@ class DemoEngine:
                  model_name: str = ""):
         if max_pixels <= 0:
             raise ValueError(f"max_pixels must be positive, got {max_pixels}")
-        self.restorer = restorer
+        # Knobs move live here: the pixels always travel with the latent (needs_image off), so that turning an
+        # LFIM gain on reuses the compiled step instead of compiling the pixel-reading one (the demo's images are
+        # small; the memory this costs matters only for the command lines' large images).
+        self.restorer = dataclasses.replace(restorer, needs_image=None) if restorer.uses_image else restorer
         self.options = options
         self.max_pixels = int(max_pixels)
         self.model_name = model_name
