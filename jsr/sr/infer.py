@@ -246,7 +246,7 @@ class Restorer:
         plan = self.plan(padded.shape, opts)
         clock = _StepClock(progress)
         self.last_timing = clock.timing
-        if key not in self._sizes_seen:
+        if self.last_compiled:
             self._sizes_seen.add(key)
             if opts.max_memory or "whole" not in (plan.encode, plan.decode):
                 notice("plan: " + plan.describe() + ("" if self.speed is None else "; " + self.time_note(plan)))

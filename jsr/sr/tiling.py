@@ -86,16 +86,22 @@ def scaled(v: int, scale: Fraction, what: str = "size") -> int:
     return int(out)
 
 
-def tile_calls(shape: Sequence[int], tile: int | Sequence[int], overlap: int, align: int = 1,
-               tiles_per_call: int = 1) -> int:
-    """How many calls of ``fn`` :func:`tiled_map` makes on an input of ``shape`` [B, H, W, C] (1: untiled)."""
+def _grid(shape: Sequence[int], tile: int | Sequence[int], overlap: int, align: int) -> tuple[int, int, int]:
+    """``(th, tw, tiles)`` of :func:`tiled_map` on an input of ``shape`` [B, H, W, C]: the tile clipped to the
+    input, and how many tiles cover it (1 when the input fits one tile)."""
     h, w = shape[1], shape[2]
     th, tw = (tile, tile) if isinstance(tile, int) else tuple(tile)
     th, tw = min(th, h), min(tw, w)
     if th >= h and tw >= w:
-        return 1
-    n = (len(tile_starts(h, th, max(0, min(overlap, th - align)), align))
-         * len(tile_starts(w, tw, max(0, min(overlap, tw - align)), align)))
+        return h, w, 1
+    return th, tw, (len(tile_starts(h, th, max(0, min(overlap, th - align)), align))
+                    * len(tile_starts(w, tw, max(0, min(overlap, tw - align)), align)))
+
+
+def tile_calls(shape: Sequence[int], tile: int | Sequence[int], overlap: int, align: int = 1,
+               tiles_per_call: int = 1) -> int:
+    """How many calls of ``fn`` :func:`tiled_map` makes on an input of ``shape`` [B, H, W, C] (1: untiled)."""
+    n = _grid(shape, tile, overlap, align)[2]
     return -(-n // max(1, int(tiles_per_call)))
 
 
@@ -103,14 +109,8 @@ def call_shape(shape: Sequence[int], tile: int | Sequence[int], overlap: int, al
                tiles_per_call: int = 1) -> tuple[int, int, int]:
     """The input shape ``(rows, th, tw)`` of each call :func:`tiled_map` makes on an input of ``shape``
     [B, H, W, C]: every call has one shape (the whole input when it fits one tile)."""
-    b, h, w = shape[0], shape[1], shape[2]
-    th, tw = (tile, tile) if isinstance(tile, int) else tuple(tile)
-    th, tw = min(th, h), min(tw, w)
-    if th >= h and tw >= w:
-        return b, h, w
-    n = (len(tile_starts(h, th, max(0, min(overlap, th - align)), align))
-         * len(tile_starts(w, tw, max(0, min(overlap, tw - align)), align)))
-    return b * min(n, max(1, int(tiles_per_call))), th, tw
+    th, tw, n = _grid(shape, tile, overlap, align)
+    return shape[0] * min(n, max(1, int(tiles_per_call))), th, tw
 
 
 def tiled_map(fn: ArrayFn, x: jax.Array | np.ndarray, tile: int | Sequence[int], overlap: int, *,
