@@ -130,18 +130,15 @@ def _key_blocked(qh, kh, vh):
 def _chunked(q, k, v, mask, scale, chunk_size):
     b, lq, h, d = q.shape
     lk = k.shape[1]
-    if mask is None and chunk_size is None and lk >= KEY_BLOCKED_FROM:
-        qh = jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2).reshape(b * h, lq, d)
-        kh = jnp.swapaxes(k, 1, 2).reshape(b * h, lk, d)
-        vh = jnp.swapaxes(v, 1, 2).reshape(b * h, lk, d)
-        return jnp.swapaxes(_key_blocked(qh, kh, vh).reshape(b, h, lq, d), 1, 2)
-    block = min(_block_size(lk, chunk_size), lq)
-    n_blocks = math.ceil(lq / block)
-    pad = n_blocks * block - lq
     # [B*H, L, D]: one head at a time keeps each score block small.
     qh = jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2).reshape(b * h, lq, d)
     kh = jnp.swapaxes(k, 1, 2).reshape(b * h, lk, d)
     vh = jnp.swapaxes(v, 1, 2).reshape(b * h, lk, d)
+    if mask is None and chunk_size is None and lk >= KEY_BLOCKED_FROM:
+        return jnp.swapaxes(_key_blocked(qh, kh, vh).reshape(b, h, lq, d), 1, 2)
+    block = min(_block_size(lk, chunk_size), lq)
+    n_blocks = math.ceil(lq / block)
+    pad = n_blocks * block - lq
     if pad:
         qh = jnp.pad(qh, ((0, 0), (0, pad), (0, 0)))
     qh = qh.reshape(b * h, n_blocks, block, d)
