@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from jsr.console import cache_root
+
 HELP_FLAGS = ("--help", "-h", "--helpshort", "--helpfull", "-?")
 USER_ERROR_STATUS = 2
 
@@ -29,7 +31,7 @@ def compilation_cache_dir() -> Path | None:
         return Path(choice).expanduser()
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return Path(os.environ["JAX_COMPILATION_CACHE_DIR"]).expanduser()
-    return Path(os.environ.get("JSR_CACHE", Path.home() / ".cache" / "jsr")).expanduser() / "xla"
+    return cache_root() / "xla"
 
 
 def enable_compilation_cache() -> Path | None:

@@ -8,6 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """Where jsr keeps what it makes once (the tiny model, compiled programs, the speed log): ``$JSR_CACHE``,
+    else ``~/.cache/jsr``."""
+    return Path(os.environ.get("JSR_CACHE", Path.home() / ".cache" / "jsr")).expanduser()
 
 
 def notice(message: str) -> None:

@@ -24,10 +24,12 @@ import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from jsr.console import cache_root
+
 
 def default_path() -> Path:
     """``$JSR_CACHE/speed.json`` (``~/.cache/jsr/speed.json``)."""
-    return Path(os.environ.get("JSR_CACHE", Path.home() / ".cache" / "jsr")).expanduser() / "speed.json"
+    return cache_root() / "speed.json"
 
 
 def speed_log() -> "SpeedLog | None":

@@ -16,6 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
+from jsr.console import cache_root
 from jsr.models.common import random_params
 from jsr.models.presets import preset
 
@@ -130,6 +131,5 @@ def default_tiny_clip_vision_dir(seed: int = 0) -> Path:
 
 def default_tiny_sd_dir() -> Path:
     """Where the embedded default lives: ``$JSR_CACHE`` or ``~/.cache/jsr``, ``/tiny-sd``."""
-    root = Path(os.environ.get("JSR_CACHE", Path.home() / ".cache" / "jsr"))
-    return root / "tiny-sd"
+    return cache_root() / "tiny-sd"
 
