@@ -35,7 +35,7 @@ import ml_collections
 
 from jsr.methods import common, registry
 from jsr.methods.api import ExportEntry, Knob, Method, TrainSetup, Update
-from jsr.methods.lfim_knobs import LFIM_KNOBS, apply_lfim, lfim_on
+from jsr.methods.lfim_knobs import ImageForLFIM, LFIM_KNOBS, apply_lfim
 from jsr.models import lora as L
 from jsr.sr import generator, losses
 from jsr.sr.teachers import restorer_teacher
@@ -58,7 +58,7 @@ def restorer_from_name(spec: str) -> Callable[[jax.Array], jax.Array]:
     return fn
 
 
-class CTSR(Method):
+class CTSR(ImageForLFIM, Method):  # LFIM's spatial gate reads the LQ pixels
     name = "ctsr"
     label = "CTSR"
     roles = {"unet": "stage-1 student UNet LoRA (+ full conv_in)", "vae": "stage-1 VAE-encoder LoRA",
@@ -73,10 +73,6 @@ class CTSR(Method):
              "(recorded in its export)", min=1.0, max=1000.0, static=True, needs="control",
              needs_text=_NEEDS_CONTROL),
     ) + LFIM_KNOBS
-    uses_image = True  # LFIM's spatial gate reads the LQ pixels
-
-    def needs_image(self, knobs):
-        return lfim_on(knobs)  # the pixels serve LFIM only
     preview_knobs = {"t": 0.5}
 
     def config(self):

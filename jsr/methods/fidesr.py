@@ -51,7 +51,7 @@ import ml_collections
 
 from jsr.methods import common, registry
 from jsr.methods.api import ExportEntry, Method, TrainSetup, Update
-from jsr.methods.lfim_knobs import LFIM_KNOBS, RELEASE_GAINS, apply_lfim, lfim_on
+from jsr.methods.lfim_knobs import ImageForLFIM, LFIM_KNOBS, RELEASE_GAINS, apply_lfim
 from jsr.models import lora as L
 from jsr.models.common import abstract_params
 from jsr.models.lrrb import LRRB, LRRBConfig, init_lrrb_params, lrrb_from_torch, lrrb_refine
@@ -83,16 +83,12 @@ def fidesr_latent(models: generator.SDModels, unet_params: Any, lora: L.LoRA | N
     return z_lq - r, r
 
 
-class FiDeSR(Method):
+class FiDeSR(ImageForLFIM, Method):  # LFIM's spatial gate reads the LQ pixels
     name = "fidesr"
     label = "FiDeSR"
     roles = {"unet": "generator UNet LoRA (rank 8)", "lrrb": "latent residual refinement block (LRRB)"}
     required_roles = ("unet", "lrrb")
     knobs = LFIM_KNOBS
-    uses_image = True  # LFIM's spatial gate reads the LQ pixels
-
-    def needs_image(self, knobs):
-        return lfim_on(knobs)  # the pixels serve LFIM only
 
     def config(self):
         return ml_collections.ConfigDict(dict(

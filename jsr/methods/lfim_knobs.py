@@ -4,7 +4,8 @@ A residual-form one-step method ends with ``z = z_L - eps_hat``: FiDeSR (``eps_h
 correction) and PiSA-SR natively, OSEDiff and CTSR through their implied residual ``eps_hat = z_L - z``. LFIM edits
 that ``z`` at inference, reading ``z_L``, ``eps_hat`` and the LQ image, so each of these methods declares
 :data:`LFIM_KNOBS` (one definition: the registry allows a knob name in several methods only with an identical
-definition) and ``uses_image = True``, and ends its ``forward`` with :func:`apply_lfim`.
+definition), takes :class:`ImageForLFIM` as a base (``uses_image``, pixels only while a gain is on), and ends
+its ``forward`` with :func:`apply_lfim`.
 
 Knobs (defaults: the release's ``test_fidesr.py`` except the gains):
 
@@ -79,6 +80,16 @@ def lfim_on(knobs: Mapping[str, Any]) -> bool:
     """Whether LFIM edits anything at these (concrete) knob values: a gain above 0. The LFIM methods'
     ``needs_image``: with both gains off they need no LQ pixels."""
     return any(float(knobs.get(k) or 0.0) > 0 for k in ("lfim_low", "lfim_high"))
+
+
+class ImageForLFIM:
+    """Mixin (before :class:`jsr.methods.api.Method` in the bases) of the residual-form methods whose LQ pixels
+    serve LFIM's spatial gate only: ``uses_image``, and the pixels are needed only while a gain is on."""
+
+    uses_image = True
+
+    def needs_image(self, knobs: Mapping[str, Any]) -> bool:
+        return lfim_on(knobs)
 
 
 def apply_lfim(z: jax.Array, z_lq: jax.Array, eps_hat: jax.Array | None, x_lq: jax.Array | None,

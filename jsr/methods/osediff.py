@@ -20,7 +20,7 @@ import jax
 
 from jsr.methods import common, registry
 from jsr.methods.api import ExportEntry, Method, TrainSetup, Update
-from jsr.methods.lfim_knobs import LFIM_KNOBS, apply_lfim, lfim_on
+from jsr.methods.lfim_knobs import ImageForLFIM, LFIM_KNOBS, apply_lfim
 from jsr.models import lora as L
 from jsr.sr import generator
 
@@ -28,15 +28,11 @@ from jsr.sr import generator
 FAKE_SCORE_UNET = L.LoRASpec(L.OSEDIFF_UNET_TARGETS, rank=4, alpha=8.0)
 
 
-class OSEDiff(Method):
+class OSEDiff(ImageForLFIM, Method):  # LFIM's spatial gate reads the LQ pixels
     name = "osediff"
     label = "OSEDiff"
     roles = {"unet": "generator UNet LoRA (+ full conv_in)", "vae": "VAE-encoder LoRA"}
     knobs = LFIM_KNOBS
-    uses_image = True  # LFIM's spatial gate reads the LQ pixels
-
-    def needs_image(self, knobs):
-        return lfim_on(knobs)  # the pixels serve LFIM only
     use_vsd = True
 
     def forward(self, models, unet_params, trees, z_lq, c, knobs, x_lq=None):

@@ -16,12 +16,12 @@ import ml_collections
 
 from jsr.methods import common, registry
 from jsr.methods.api import ExportEntry, Knob, Method, TrainSetup, Update
-from jsr.methods.lfim_knobs import LFIM_KNOBS, apply_lfim, lfim_on
+from jsr.methods.lfim_knobs import ImageForLFIM, LFIM_KNOBS, apply_lfim
 from jsr.models import lora as L
 from jsr.sr import generator, losses
 
 
-class PiSASR(Method):
+class PiSASR(ImageForLFIM, Method):  # LFIM's spatial gate reads the LQ pixels
     name = "pisasr"
     label = "PiSA-SR"
     roles = {"pix": "pixel-level UNet LoRA", "sem": "semantic-level UNet LoRA"}
@@ -32,10 +32,6 @@ class PiSASR(Method):
         Knob("lambda_sem", float, 1.0, "PiSA-SR semantic guidance weight", min=0.0, max=10.0, needs="sem",
              needs_text="a PiSA-SR semantic LoRA"),
     ) + LFIM_KNOBS
-    uses_image = True  # LFIM's spatial gate reads the LQ pixels
-
-    def needs_image(self, knobs):
-        return lfim_on(knobs)  # the pixels serve LFIM only
 
     def config(self):
         return ml_collections.ConfigDict(dict(pixel_steps=4000))

@@ -71,7 +71,7 @@ from flax import struct
 
 from jsr.methods import common, registry
 from jsr.methods.api import ExportEntry, Knob, Method, TrainSetup, Update
-from jsr.methods.lfim_knobs import LFIM_KNOBS, apply_lfim, lfim_on
+from jsr.methods.lfim_knobs import ImageForLFIM, LFIM_KNOBS, apply_lfim
 from jsr.methods.osediff import FAKE_SCORE_UNET
 from jsr.models import lora as L
 from jsr.models.clip_vision import PREPROCESS_MODES, CLIPVisionConfig, CLIPVisionModel, clip_preprocess
@@ -305,7 +305,7 @@ ABAR_KNOB = Knob("rcod_abar", float, RELEASE_ABAR,
                  min=1e-4, max=0.9999)
 
 
-class RCOD(Method):
+class RCOD(ImageForLFIM, Method):  # LFIM's spatial gate reads the LQ pixels
     name = "rcod"
     label = "RCOD"
     roles = {"unet": "generator UNet LoRA (+ full conv_in)", "vae": "VAE-encoder LoRA",
@@ -313,10 +313,6 @@ class RCOD(Method):
              "vision": "the frozen CLIP vision encoder: a transformers folder (openai/clip-vit-large-patch14)"}
     required_roles = ("unet", "proj", "vision")
     knobs = (CODE_KNOB, PREPROCESS_KNOB, ABAR_KNOB) + LFIM_KNOBS
-    uses_image = True  # LFIM's spatial gate reads the LQ pixels
-
-    def needs_image(self, knobs):
-        return lfim_on(knobs)  # the pixels serve LFIM only
 
     def config(self):
         return ml_collections.ConfigDict(dict(
