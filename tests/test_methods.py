@@ -378,3 +378,15 @@ def test_null_prompt_ratio_drops_prompts_by_step():
     half = step_prompts(p, 0.5, 0, 5)
     assert half == step_prompts(p, 0.5, 0, 5) != step_prompts(p, 0.5, 0, 6)  # fixed by (seed, step): resumable
     assert 16 < half.count("") < 48 and all(a in ("", b) for a, b in zip(half, p))
+
+
+def test_names_keep_the_builtin_order_whatever_is_imported_first():
+    """A fresh process that imports a built-in method's module before the package (the demo and some tests do)
+    still lists the built-ins in their fixed order (CLI help, tables and error messages read names())."""
+    import subprocess
+    import sys
+
+    code = "import jsr.methods.pisasr, jsr.methods.rcod, jsr.methods; print(','.join(jsr.methods.names()))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split()[-1].split(",")[:7] == ["osediff", "fidelity", "pisasr", "ctsr", "fidesr", "rcod",
+                                                     "codsr"]

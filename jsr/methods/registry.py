@@ -107,9 +107,15 @@ def get(name: str) -> Method:
 
 
 def names() -> tuple[str, ...]:
-    """Registered method names, in registration order (built-ins first)."""
+    """Registered method names: the built-ins in :data:`BUILTIN_MODULES` order (within a module, as registered),
+    then the others in registration order. Not plain registration order: a built-in module imported directly
+    first (``import jsr.methods.pisasr``) registers before the ones it loads."""
     _load()
-    return tuple(_METHODS)
+    with _LOCK:
+        order = {n: i for i, n in enumerate(_METHODS)}
+        rank = {mod: i for i, mod in enumerate(BUILTIN_MODULES)}
+        return tuple(sorted(_METHODS, key=lambda n: (rank.get(type(_METHODS[n]).__module__, len(rank)),
+                                                       order[n])))
 
 
 def all_knobs() -> dict[str, Knob]:
