@@ -51,6 +51,9 @@ _UPSCALE = flags.DEFINE_integer("upscale", 4, "Output size / LQ size.")
 _MAX_MEMORY = flags.DEFINE_string("max_memory", "0", "Host memory to plan each image size against (e.g. 8G; 0: no "
                                   "budget), as python -m jsr.infer --max_memory.")
 _SPILL_DIR = flags.DEFINE_string("spill_dir", "", "Where --max_memory spills tile carries (default: the temp folder).")
+_MAX_DEVICE_MEMORY = flags.DEFINE_string("max_device_memory", "0", "Device memory one call may use (e.g. 6G; 0: the "
+                                         "GPU/TPU's free memory, none on CPU): smaller tiles when a call would "
+                                         "not fit, as python -m jsr.infer --max_device_memory.")
 
 _DATASET = flags.DEFINE_multi_string("dataset", [], "Test set (repeatable): NAME:hq=DIR[,lq=DIR][,strip=REGEX]"
                                      "[,seed=N][,crop=N][,degradation=PRESET]. With lq: paired folders; without: "
@@ -106,13 +109,14 @@ def _knob_flags():
     return fixed, (swept[0] if swept else None)
 
 
-def _max_memory() -> int:
+def _size_flag(flag) -> int:
+    """A size flag's bytes (``8G``, ``512M``...); a bad value is a ValueError naming the flag."""
     from jsr.infer import parse_bytes
 
     try:
-        return parse_bytes(_MAX_MEMORY.value)
+        return parse_bytes(flag.value)
     except Exception as e:  # noqa: BLE001 - argparse's error type: reported as a bad flag value
-        raise ValueError(f"--max_memory: {e}") from None
+        raise ValueError(f"--{flag.name}: {e}") from None
 
 
 def _setup():
@@ -132,7 +136,8 @@ def _setup():
     fixed, sweep = _knob_flags()
     options = RestoreOptions(knobs=fixed, color_fix=_COLOR_FIX.value, latent_tile=_LATENT_TILE.value,
                              latent_overlap=_LATENT_OVERLAP.value, vae_tile=_VAE_TILE.value,
-                             vae_overlap=_VAE_OVERLAP.value, max_memory=_max_memory(), spill_dir=_SPILL_DIR.value)
+                             vae_overlap=_VAE_OVERLAP.value, max_memory=_size_flag(_MAX_MEMORY), spill_dir=_SPILL_DIR.value,
+                             max_device_memory=_size_flag(_MAX_DEVICE_MEMORY))
     suite = ev.load_metrics(lpips=_LPIPS.value, dists=_DISTS.value, inception=_INCEPTION.value, niqe=_NIQE.value,
                             pyiqa=_PYIQA.value, crop_border=_CROP_BORDER.value, fid_batch=_FID_BATCH.value,
                             fid_dims=int(_FID_DIMS.value), pyiqa_device=_PYIQA_DEVICE.value)

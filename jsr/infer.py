@@ -342,6 +342,10 @@ def add_tiling_flags(g: Any) -> None:
                         "blended tiles; the plan and its estimate are printed before the work (default: no budget)")
     g.add_argument("--spill_dir", "--spill-dir", default="",
                    help="where --max_memory spills tile carries (default: the system's temporary folder)")
+    g.add_argument("--max_device_memory", "--max-device-memory", type=parse_bytes, default=0, metavar="SIZE",
+                   help="device memory one UNet/VAE call may use beside the weights, e.g. 6G: fewer tiles per call, "
+                        "then smaller VAE tiles, then smaller UNet tiles until the planned calls fit (counting XLA's "
+                        "working memory, compiled ahead); default: the GPU/TPU's free memory, no limit on CPU")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -381,7 +385,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         opts = RestoreOptions(knobs=knob_flags(args), color_fix=args.color_fix, latent_tile=args.latent_tile,
                               latent_overlap=args.latent_overlap, vae_tile=args.vae_tile,
                               vae_overlap=args.vae_overlap, tiles_per_call=args.tiles_per_call,
-                              max_memory=args.max_memory, spill_dir=args.spill_dir)
+                              max_memory=args.max_memory, spill_dir=args.spill_dir,
+                              max_device_memory=args.max_device_memory)
         if args.upscale <= 0:
             raise ValueError(f"--upscale must be positive, got {args.upscale}")
         if args.batch_size is not None and args.batch_size < 1:

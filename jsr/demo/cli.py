@@ -113,7 +113,8 @@ def start(argv: Sequence[str] | None = None) -> Served:
         opts = RestoreOptions(knobs=knob_flags(args), color_fix=args.color_fix, latent_tile=args.latent_tile,
                               latent_overlap=args.latent_overlap, vae_tile=args.vae_tile,
                               vae_overlap=args.vae_overlap, tiles_per_call=args.tiles_per_call,
-                              max_memory=args.max_memory, spill_dir=args.spill_dir)
+                              max_memory=args.max_memory, spill_dir=args.spill_dir,
+                              max_device_memory=args.max_device_memory)
         if not 1 <= args.upscale <= 16:
             raise ValueError(f"--upscale must be in [1, 16], got {args.upscale}")
         if args.max_pixels <= 0 or args.warmup < 0 or not 0 <= args.port < 65536:

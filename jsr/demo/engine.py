@@ -200,7 +200,7 @@ class DemoEngine:
         b, h, w = int(shape[0]), int(shape[1]), int(shape[2])
         static = tuple((c.name, opts.knobs.get(c.name, c.value)) for c in self.controls if c.recompiles)
         return ((b, h + -h % m, w + -w % m), opts.latent_tile, opts.latent_overlap, opts.vae_tile, opts.vae_overlap,
-                opts.tiles_per_call, opts.max_memory, static)
+                opts.tiles_per_call, opts.max_memory, opts.max_device_memory, static)
 
     def estimate(self, path: str | Path, upscale: Any, name: str | None = None,
                  opts: RestoreOptions | None = None) -> str:

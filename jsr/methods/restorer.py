@@ -171,7 +171,7 @@ def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Seq
     recorded = {k: v for k, v in source.knobs.items() if k in m.knob_names()}
     defaults = m.knob_values(recorded)
     models, up, vp = base.models, base.unet_params, base.vae_params
-    c = base.prompts([prompt])
+    c = base.prompts([prompt]) if m.text_prompt else None  # (loads the text encoder on first use)
     vae_lora = m.encoder_lora(trees)
     forward = jitted_forward(m)
     honoured = m.honoured_knobs(tuple(trees))
@@ -191,6 +191,33 @@ def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Seq
         z, cz, x_lq = _latent_inputs(m, z, c, ctx, jnp)
         return forward(models, up, trees, z, cz, traced, static, x_lq)
 
+    def latent_memory(call: tuple[int, int, int], channels: int, opts: RestoreOptions,
+                      image_shape: tuple[int, ...]) -> int | None:
+        # XLA's temporaries of the latent step on one call, compiled from shapes as latent() would call it (the
+        # run then finds the program compiled): what Restorer.plan counts against a device budget.
+        traced, static = split_knobs(m, {**defaults, **opts.knobs})
+        n, th, tw = call
+        sds = jax.ShapeDtypeStruct
+        f = 2 ** (len(models.vae.config.block_out_channels) - 1)
+        x_lq = sds((n, th * f, tw * f, 3), jnp.float32) if channels > 4 else None
+        cz = c
+        if m.has_context():
+            ctx = jax.eval_shape(jitted_context(m), models, trees, sds(image_shape, jnp.float32), c, traced, static)
+            cz = sds((n,) + tuple(ctx.shape[1:]), ctx.dtype)
+        compiled = forward.lower(models, up, trees, sds((n, th, tw, 4), jnp.float32), cz, traced, static,
+                                 x_lq).compile()
+        mem = compiled.memory_analysis()
+        return None if mem is None else int(mem.temp_size_in_bytes)
+
+    def whole_memory(shape: tuple[int, ...]) -> int | None:
+        # XLA's temporaries of the untiled VAE programs on padded images of `shape` (what small images run).
+        sds = jax.ShapeDtypeStruct
+        f = 2 ** (len(models.vae.config.block_out_channels) - 1)
+        b, h, w = shape[:3]
+        temps = [_ENCODE.lower(models, vp, vae_lora, sds((b, h, w, 3), jnp.float32)).compile().memory_analysis(),
+                 _DECODE.lower(models, vp, sds((b, h // f, w // f, 4), jnp.float32)).compile().memory_analysis()]
+        return None if None in temps else max(int(t.temp_size_in_bytes) for t in temps)
+
     dp = DataParallel(devices) if devices is not None and len(devices) > 1 else None
     if dp is not None:
         encode, latent, decode, context = _data_parallel_maps(dp, m, models, up, vp, vae_lora, trees, c, defaults)
@@ -202,7 +229,8 @@ def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Seq
     return Restorer(encode=encode, latent=latent, decode=decode, method=m.name, knobs=honoured, factor=factor,
                     tiled_vae=TiledVAE(models, vp, vae_lora, dp), knob_defaults=defaults, uses_image=m.uses_image,
                     label=m.label, context=context if m.has_context() else None, devices=1 if dp is None else dp.size,
-                    profile=profile, needs_image=m.needs_image)
+                    profile=profile, needs_image=m.needs_image, latent_memory=latent_memory if dp is None else None,
+                    whole_memory=whole_memory if dp is None else None)
 
 
 def _latent_inputs(m: Method, z: Any, c: Any, ctx: Any, xp: Any) -> tuple[Any, Any, Any]:

@@ -86,6 +86,11 @@ class RestoreOptions:
         VAE's staged tiles keep their carries in memory while they fit, else on disk under ``spill_dir``, else
         (no disk) the VAE runs as blended tiles; ``0`` = no budget (staged tiles in memory).
       spill_dir: where spilled carries go (default: the system's temporary folder).
+      max_device_memory: device memory in bytes one call may use beside the parameters (its tiles' inputs and
+        outputs, the whole-image arrays it reads, XLA's temporaries when measured): :meth:`Restorer.plan` shrinks
+        ``tiles_per_call``, then ``vae_tile``, then ``latent_tile`` until the calls fit. ``0`` = the device's
+        own free memory on a GPU/TPU (:func:`device_free_memory`), no device budget on a CPU (its memory is the
+        host's: ``max_memory``).
     """
 
     knobs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -98,6 +103,7 @@ class RestoreOptions:
     pad_multiple: int = 8
     max_memory: int = 0
     spill_dir: str = ""
+    max_device_memory: int = 0
 
     def __post_init__(self):
         if self.color_fix not in colorfix.METHODS:
@@ -112,6 +118,9 @@ class RestoreOptions:
             raise ValueError(f"pad_multiple must be a multiple of 8, got {self.pad_multiple}")
         if self.max_memory < 0:
             raise ValueError(f"max_memory must be >= 0 bytes (0: no budget), got {self.max_memory}")
+        if self.max_device_memory < 0:
+            raise ValueError(f"max_device_memory must be >= 0 bytes (0: the device's free memory), got "
+                             f"{self.max_device_memory}")
 
     def with_knobs(self, **knobs: Any) -> "RestoreOptions":
         """A copy with ``knobs`` set (over the ones already set)."""
@@ -142,6 +151,13 @@ class MemoryPlan:
       temporaries: XLA's temporary bytes of the largest staged VAE call (``memory_analysis`` of the compiled
         stage programs, when the restorer plans with them: :attr:`Restorer.plan_temporaries`; -1 when not
         measured). Device memory; on a CPU that is host memory, and ``host`` includes it.
+      latent_temporaries: the same for the latent step's program (-1 when not measured).
+      tiles: the tiling the run uses, ``(vae_tile, vae_overlap, latent_tile, latent_overlap, tiles_per_call)``: the
+        options'
+        own unless the device budget made them smaller (:meth:`Restorer.plan`).
+      device_budget: bytes a call may use on its device (0: none); ``device``: the most a planned call needs
+        there (inputs, outputs, whole-image arrays and the measured temporaries; not the parameters).
+      fitted: what the device budget changed, for the console (``""``: nothing).
     """
 
     shape: tuple[int, ...]
@@ -155,6 +171,19 @@ class MemoryPlan:
     spill_dir: str = ""
     phases: tuple[Phase, ...] = ()
     temporaries: int = -1
+    latent_temporaries: int = -1
+    tiles: tuple[int, ...] = ()
+    device_budget: int = 0
+    device: int = 0
+    fitted: str = ""
+
+    def options(self, opts: "RestoreOptions") -> "RestoreOptions":
+        """``opts`` with the tiling this plan runs (:attr:`tiles`)."""
+        if not self.tiles:
+            return opts
+        vae, vo, lt, lo, k = self.tiles
+        return dataclasses.replace(opts, vae_tile=vae, vae_overlap=vo, latent_tile=lt, latent_overlap=lo,
+                                   tiles_per_call=k)
 
     def describe(self) -> str:
         """One line for the console: the plan and the estimate."""
@@ -168,9 +197,14 @@ class MemoryPlan:
                                                                    "much)" if self.host > self.budget else "")
         parts.append(est)
         call = f"{self.per_call / 2**20:.0f} MB per tile call and device"
-        if self.temporaries >= 0:
-            call += f" + {self.temporaries / 2**20:.0f} MB of XLA temporaries"
+        temps = max(self.temporaries, self.latent_temporaries)
+        if temps >= 0:
+            call += f" + {temps / 2**20:.0f} MB of XLA temporaries"
         parts.append(f"{call}; {self.steps} steps")
+        if self.device_budget:
+            dev = (f"device ~{self.device / GB:.2f} GB per call of the {self.device_budget / GB:.2f} GB device budget"
+                   + (" (over it even at the smallest tiles)" if self.device > self.device_budget else ""))
+            parts.append(dev + (f" ({self.fitted})" if self.fitted else ""))
         return "; ".join(parts)
 
 
@@ -201,7 +235,11 @@ class Restorer:
     (:attr:`MemoryPlan.temporaries`; the command lines turn it on, tests of the plan alone leave it off).
     ``needs_image(knobs)``: whether a ``uses_image`` latent step reads the pixels at these knob values (the
     method's ``needs_image``; LFIM methods with both gains off do not): when False the pixels stay out of the
-    tiled latent and the step gets ``z`` [n, h, w, 4] alone.
+    tiled latent and the step gets ``z`` [n, h, w, 4] alone. ``latent_memory((n, h, w), channels, opts, shape)``:
+    XLA's temporary bytes of the latent step's program on a call of ``n`` tiles ``h x w`` with ``channels``
+    (4, or 4 + the pixels) for padded images of ``shape`` (compiles it, as the run's first call would; None when
+    it cannot be told); planned with when :attr:`plan_temporaries` is on. ``whole_memory(shape)``: the same for
+    the untiled VAE programs on padded images of ``shape`` (images that fit one VAE tile).
     """
 
     encode: EncodeFn
@@ -220,11 +258,14 @@ class Restorer:
     speed: SpeedLog | None = None
     plan_temporaries: bool = False
     needs_image: Callable[[Mapping[str, Any]], bool] | None = None
+    latent_memory: Callable[..., int | None] | None = None
+    whole_memory: Callable[[tuple[int, ...]], int | None] | None = None
     # Caches, per instance: init=False so that dataclasses.replace (a restorer with another tiled_vae, say)
     # starts with empty ones instead of sharing plans made for the original.
     _sizes_seen: set = dataclasses.field(default_factory=set, init=False, repr=False, compare=False)
     _plans: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
     _announced: set = dataclasses.field(default_factory=set, init=False, repr=False, compare=False)
+    _measured_temps: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
     # The last call's seconds per progress step by phase, and whether it met a new size (so compiled).
     last_timing: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
     last_compiled: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
@@ -239,11 +280,13 @@ class Restorer:
         if x_up.ndim != 4 or x_up.shape[-1] != 3:
             raise ValueError(f"restorer wants NHWC RGB images [B, H, W, 3], got shape {x_up.shape}")
         padded, size = tiling.pad_to_multiple(x_up, max(self.factor, opts.pad_multiple))
-        key = (padded.shape, opts.latent_tile, opts.vae_tile, opts.tiles_per_call, opts.max_memory)
+        key = (padded.shape, opts.latent_tile, opts.vae_tile, opts.tiles_per_call, opts.max_memory,
+               opts.max_device_memory)
         self.last_compiled = key not in self._sizes_seen
         if self.last_compiled:  # a new size compiles what it needs: minutes for a real model on a CPU
             self._announce(padded.shape)
         plan = self.plan(padded.shape, opts)
+        opts = plan.options(opts)  # the tiles the plan chose (smaller than asked when the device budget says so)
         clock = _StepClock(progress)
         self.last_timing = clock.timing
         if self.last_compiled:
@@ -331,20 +374,29 @@ class Restorer:
 
     def plan(self, shape: Sequence[int], opts: RestoreOptions = RestoreOptions()) -> MemoryPlan:
         """How a call on a padded input of ``shape`` [B, H, W, 3] runs under ``opts.max_memory`` and what it
-        needs (:class:`MemoryPlan`). Per VAE direction: ``whole`` when the image fits one tile (never tiled);
-        else ``staged`` when its carries fit the budget beside the image buffers (or there is no budget),
-        ``spilled`` when they do not and the spill folder has room, else ``blended``. Planned once per size and
-        options (tracing the full VAE's stages takes seconds)."""
+        needs (:class:`MemoryPlan`). First the tiles: under a device budget (:meth:`device_budget`) calls that
+        do not fit get fewer tiles per call (down to one per device), then smaller VAE tiles (by quarters, down
+        to 128 px; the overlap at most half the tile), then smaller latent tiles (overlap scaled alike, not below 16
+        latents); the plan's :attr:`MemoryPlan.tiles` are what the run uses. Then per VAE direction: ``whole``
+        when the image fits one tile (never tiled); else ``staged`` when its carries fit the host budget beside
+        the image buffers (or there is no budget), ``spilled`` when they do not and the spill folder has room,
+        else ``blended``. Planned once per size and options (tracing the full VAE's stages takes seconds)."""
         opts = self.device_options(opts)
         key = (tuple(int(v) for v in shape), opts.vae_tile, opts.vae_overlap, opts.latent_tile, opts.latent_overlap,
-               opts.tiles_per_call, opts.max_memory, opts.spill_dir, self._with_image(opts))
+               opts.tiles_per_call, opts.max_memory, opts.spill_dir, self._with_image(opts), opts.max_device_memory)
         if key not in self._plans:
             if self.plan_temporaries:
                 self._announce(shape)
-            plan = self._plan(shape, opts)
+            budget = self.device_budget(opts)
+            run, fitted, device = opts, "", 0
+            if budget:
+                run, fitted, device = self._fit(shape, opts, budget)
+            plan = self._plan(shape, run)
             if self.devices > 1:  # a call's tiles are split evenly (tiles_per_call is a multiple of devices)
                 plan = dataclasses.replace(plan, per_call=plan.per_call // self.devices)
-            self._plans[key] = plan
+            self._plans[key] = dataclasses.replace(
+                plan, tiles=(run.vae_tile, run.vae_overlap, run.latent_tile, run.latent_overlap, run.tiles_per_call),
+                device_budget=budget, device=device, fitted=fitted)
         return self._plans[key]
 
     def plan_input(self, shape: Sequence[int], opts: RestoreOptions = RestoreOptions()) -> MemoryPlan:
@@ -352,6 +404,99 @@ class Restorer:
         m = max(self.factor, opts.pad_multiple)
         b, h, w = int(shape[0]), int(shape[1]), int(shape[2])
         return self.plan((b, h + -h % m, w + -w % m, 3), opts)
+
+    def device_budget(self, opts: RestoreOptions) -> int:
+        """Bytes one call may use on its device: ``opts.max_device_memory``, else the device's free memory on a
+        GPU/TPU (:func:`device_free_memory`), else 0 (no device budget: a CPU's memory is the host's)."""
+        return int(opts.max_device_memory) or device_free_memory()
+
+    def _latent_call(self, shape: Sequence[int], opts: RestoreOptions) -> tuple[tuple[int, int, int], int]:
+        """The latent step's call shape ``(n, h, w)`` and its input channels on padded images of ``shape``."""
+        b, h, w = int(shape[0]), int(shape[1]), int(shape[2])
+        latent = (b, h // self.factor, w // self.factor, 4)
+        call = tiling.call_shape(latent, opts.latent_tile, opts.latent_overlap, 1, opts.tiles_per_call)
+        return call, 4 + (3 * self.factor ** 2 if self._with_image(opts) else 0)
+
+    def _latent_temporaries(self, shape: Sequence[int], opts: RestoreOptions) -> int:
+        """XLA's temporaries of the latent step's program at ``opts``' tiles (-1: not measured), per call shape."""
+        if not (self.plan_temporaries and self.latent_memory is not None and self.devices == 1):
+            return -1
+        call, channels = self._latent_call(shape, opts)
+        key = (call, channels, tuple(sorted((k, repr(v)) for k, v in opts.knobs.items())), tuple(shape))
+        if key not in self._measured_temps:
+            got = self.latent_memory(call, channels, opts, tuple(int(v) for v in shape))
+            self._measured_temps[key] = -1 if got is None else int(got)
+        return self._measured_temps[key]
+
+    def _device_needs(self, shape: Sequence[int], opts: RestoreOptions, budget: int,
+                      guess: dict) -> tuple[int, int]:
+        """``(VAE, latent)``: the most one call of each needs on its device at ``opts``' tiles (bytes; the
+        parameters aside). XLA's temporaries are measured (compiling) only when :attr:`plan_temporaries` is on
+        and the carries alone leave room; a measurement is scaled by the window area to skip tiles that clearly
+        cannot fit (``guess`` keeps the last one)."""
+        b, h, w, _ = (int(v) for v in shape)
+        d = max(1, int(self.devices))
+        vae = 0
+        if self.tiled_vae is not None:
+            # A tile of 0 (never tile) or one covering the image: the window is the image.
+            vt = opts.vae_tile or max(h, w)
+            dec_tile, dec_overlap = self._vae_tiles(dataclasses.replace(opts, vae_tile=vt))
+            latent = (b, h // self.factor, w // self.factor, 4)
+            enc = self.tiled_vae.encode_estimate((b, h, w, 3), vt, opts.vae_overlap, opts.tiles_per_call)
+            dec = self.tiled_vae.decode_estimate(latent, dec_tile, dec_overlap, opts.tiles_per_call)
+            carries = max(e.device - e.per_call + e.per_call // d for e in (enc, dec))
+            area = enc.window[0] * enc.window[1] * enc.window[2]
+            temps = 0
+            whole = not opts.vae_tile or max(h, w) <= opts.vae_tile  # the untiled programs run
+            if whole and self.plan_temporaries and carries <= budget:
+                if self.whole_memory is not None and self.devices == 1:
+                    key = ("whole", b, h, w)
+                    if key not in self._measured_temps:
+                        got = self.whole_memory((b, h, w, 3))
+                        self._measured_temps[key] = 0 if got is None else int(got)
+                    temps = self._measured_temps[key]
+            elif self.plan_temporaries and carries <= budget:
+                predicted = guess["vae"][1] * area / guess["vae"][0] if "vae" in guess else 0
+                if carries + predicted > 1.25 * budget:
+                    temps = int(predicted)
+                else:
+                    temps = max(0, max(self.tiled_vae.encode_temporaries((b, h, w, 3), vt, opts.vae_overlap,
+                                                                         opts.tiles_per_call) or 0,
+                                       self.tiled_vae.decode_temporaries(latent, dec_tile, dec_overlap,
+                                                                         opts.tiles_per_call) or 0))
+                    guess["vae"] = (area, temps)
+            vae = carries + temps
+        (n, th, tw), channels = self._latent_call(shape, opts)
+        io = n * th * tw * (channels + 4) * 4 // d
+        temps = max(0, self._latent_temporaries(shape, opts)) if io <= budget else 0
+        return vae, io + temps
+
+    def _fit(self, shape: Sequence[int], opts: RestoreOptions, budget: int) -> tuple[RestoreOptions, str, int]:
+        """``(options with tiles that fit budget, what changed, the most a call then needs)`` (:meth:`plan`)."""
+        d = max(1, int(self.devices))
+        guess: dict = {}
+        vae, lat = self._device_needs(shape, opts, budget, guess)
+        run = opts
+        if run.tiles_per_call > d and max(vae, lat) > budget:
+            run = dataclasses.replace(run, tiles_per_call=d)
+            vae, lat = self._device_needs(shape, run, budget, guess)
+        h, w = int(shape[1]), int(shape[2])
+        tile = run.vae_tile or max(h, w)
+        while vae > budget and tile > 128:
+            # By quarters (multiples of 64); the overlap at most half the tile, or windows would mostly repeat.
+            tile = max(128, min(tile, max(h, w)) * 3 // 4 // 64 * 64)
+            run = dataclasses.replace(run, vae_tile=tile, vae_overlap=min(opts.vae_overlap, tile // 2 // 8 * 8))
+            vae, lat = self._device_needs(shape, run, budget, guess)
+        while lat > budget and run.latent_tile > 16:
+            lt = max(16, run.latent_tile * 3 // 4 // 8 * 8)
+            lo = min(opts.latent_overlap * lt // opts.latent_tile, lt - 8)
+            run = dataclasses.replace(run, latent_tile=lt, latent_overlap=lo)
+            vae, lat = self._device_needs(shape, run, budget, guess)
+        changed = [f"{what} {a} -> {z}" for what, a, z in (
+            ("tiles per call", opts.tiles_per_call, run.tiles_per_call), ("VAE tile", opts.vae_tile, run.vae_tile),
+            ("VAE overlap", opts.vae_overlap, run.vae_overlap), ("UNet tile", opts.latent_tile, run.latent_tile))
+            if a != z]
+        return run, ", ".join(changed), max(vae, lat)
 
     def _plan(self, shape: Sequence[int], opts: RestoreOptions) -> MemoryPlan:
         b, h, w, _ = (int(v) for v in shape)
@@ -367,6 +512,9 @@ class Restorer:
         # beside the latent (uses_image) while stepping; the output and colour fix's temporaries at the end.
         enc_fixed, dec_fixed = 2 * image, image
         step_fixed = 2 * image + (2 * image if self._with_image(opts) else 0)
+        lt_temps = self._latent_temporaries(shape, opts)
+        if jax.default_backend() == "cpu":  # the step program's working memory is host memory here
+            step_fixed += max(0, lt_temps)
         # The colour fix: whole-image programs below colorfix.BANDED_FROM pixels, in place by bands above it.
         fix_peak = 5 * image if h * w < colorfix.BANDED_FROM else 2 * image + image // 8
         lt_phase = Phase("latent", "tiles", lt_steps, 1,
@@ -374,7 +522,7 @@ class Restorer:
         if not tiled:
             phases = (Phase("encode", "whole", 1, 1, (b, h, w)), lt_phase, Phase("decode", "whole", 1, 1, latent[:3]))
             return MemoryPlan((b, h, w, 3), "whole", "whole", max(enc_fixed, step_fixed, dec_fixed + image, fix_peak),
-                              0, 0, 2 + lt_steps, budget, opts.spill_dir, phases)
+                              0, 0, 2 + lt_steps, budget, opts.spill_dir, phases, latent_temporaries=lt_temps)
         # Calls of blended VAE tiles (tiling.tiled_encode's rounding of the tile and overlap to whole latents).
         enc_tile, enc_overlap = max(f, opts.vae_tile - opts.vae_tile % f), -(-opts.vae_overlap // f) * f
         enc_blended = tiling.tile_calls((b, h, w, 3), enc_tile, enc_overlap, f, opts.tiles_per_call)
@@ -387,7 +535,8 @@ class Restorer:
             steps = enc_blended + lt_steps + dec_blended
             return MemoryPlan((b, h, w, 3), "blended", "blended",
                               max(enc_fixed, step_fixed, dec_fixed + image + image // 3, fix_peak), 0, 0, steps,
-                              budget, opts.spill_dir, (blended["encode"], lt_phase, blended["decode"]))
+                              budget, opts.spill_dir, (blended["encode"], lt_phase, blended["decode"]),
+                              latent_temporaries=lt_temps)
         enc = self.tiled_vae.encode_estimate((b, h, w, 3), opts.vae_tile, opts.vae_overlap, opts.tiles_per_call)
         dec = self.tiled_vae.decode_estimate(latent, dec_tile, dec_overlap, opts.tiles_per_call)
         temps = [-1, -1]
@@ -422,7 +571,7 @@ class Restorer:
         temporaries = max([t for t, mode in zip(temps, (enc_mode, dec_mode)) if mode != "blended"], default=-1)
         return MemoryPlan((b, h, w, 3), enc_mode, dec_mode, max(enc_peak, step_fixed, dec_peak, fix_peak),
                           used_disk, max(enc.per_call, dec.per_call), steps, budget, opts.spill_dir, phases,
-                          temporaries)
+                          temporaries, lt_temps)
 
     def _encode(self, x: np.ndarray, opts: RestoreOptions, mode: str,
                 progress: Callable[[int], None] | None) -> np.ndarray:
@@ -451,6 +600,22 @@ class Restorer:
             return self.tiled_vae.decode(z, tile, overlap, opts.tiles_per_call, spill_dir=spill, progress=progress)
         return tiling.tiled_decode(self.decode, z, tile, overlap, opts.tiles_per_call, self.factor,
                                    progress=progress)
+
+
+def device_free_memory(device: jax.Device | None = None) -> int:
+    """Bytes a restorer may plan a call against on ``device`` (default: the first local one): 90 % of what its
+    runtime reports free (``memory_stats``: ``bytes_limit - bytes_in_use``, the parameters already loaded); 0 on
+    a CPU (its memory is the host's) or when the runtime does not report it."""
+    dev = device if device is not None else jax.local_devices()[0]
+    if dev.platform == "cpu":
+        return 0
+    try:
+        stats = dev.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - a runtime without memory statistics: no automatic budget
+        return 0
+    if "bytes_limit" not in stats:
+        return 0
+    return max(0, int(0.9 * (int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))))
 
 
 class _StepClock:

@@ -117,6 +117,8 @@ class StagedEstimate:
         temporaries).
       stages: programs (one per stage; ``calls / stages`` calls each, stage after stage).
       window: a call's input shape ``(windows per call x batch, height, width)`` (for time estimates).
+      device: the most one call holds on its device besides parameters and XLA's temporaries: its input and
+        output carries and the whole-image arrays it reads (the gathered attention keys and values).
     """
 
     windows: int
@@ -127,6 +129,7 @@ class StagedEstimate:
     per_call: int
     stages: int = 1
     window: tuple[int, ...] = ()
+    device: int = 0
 
 
 def _nbytes(tree: Any) -> int:
@@ -201,6 +204,7 @@ class StagedTiler:
         self.params = params if dp is None else dp.replicate(params)
         nxt = [s.groups for s in self.stages[1:]] + [0]
         self.calls = [_stage_call(s, g, dp) for s, g in zip(self.stages, nxt)]
+        self._temporaries: dict[tuple, int] = {}
 
     def _layout(self, shape: Sequence[int], tile: int, overlap: int, align: int, tiles_per_call: int):
         """``(windows, groups padded to k windows, real windows per group, k, th, tw)`` for an input ``shape``."""
@@ -233,7 +237,7 @@ class StagedTiler:
         windows, groups, _, k, th, tw = self._layout(shape, tile, overlap, align, tiles_per_call)
         b, h, w = shape[0], shape[1], shape[2]
         n = len(groups)
-        in_memory = spilled = disk = per_call = 0
+        in_memory = spilled = disk = per_call = device = 0
         image_in = int(np.prod(shape)) * np.dtype(dtype).itemsize  # the windows are cut from it
         for stage, _, (carry, _, _, context, _), out in self._call_specs(shape, dtype, tile, overlap, align,
                                                                           tiles_per_call):
@@ -243,6 +247,7 @@ class StagedTiler:
             spilled = max(spilled, c_in + c_out + ctx)
             disk = max(disk, n * (c_in + c_out))
             per_call = max(per_call, c_in + c_out)
+            device = max(device, c_in + c_out + ctx // 2)
             if stage.gather:
                 gathered = _nbytes({key: jax.ShapeDtypeStruct(
                     (b, scaled(h, stage.scale), scaled(w, stage.scale), out[key].shape[-1]), out[key].dtype)
@@ -254,7 +259,7 @@ class StagedTiler:
         in_memory = max(in_memory, n * _nbytes(carry) + final, n * _nbytes({"x": carry["x"]}) + image_in)
         spilled = max(spilled, _nbytes(carry) + final, image_in)
         return StagedEstimate(len(windows), len(self.stages) * n, in_memory, spilled, disk, per_call,
-                              len(self.stages), (k * b, th, tw))
+                              len(self.stages), (k * b, th, tw), device)
 
     def _call_specs(self, shape: Sequence[int], dtype: Any, tile: int, overlap: int, align: int,
                     tiles_per_call: int):
@@ -282,9 +287,13 @@ class StagedTiler:
         """The largest XLA temporary buffer bytes of one stage call of a run on an input of ``shape`` (the working
         memory a call needs beyond its arguments and outputs, from ``memory_analysis()``). Compiles every stage
         program for this layout, as the run's first calls would (they then reuse them: JAX caches the compiled
-        programs). None when split over several devices (each device's program is accounted there)."""
+        programs). None when split over several devices (each device's program is accounted there). Remembered per
+        layout (a plan that tries several tile sizes asks again for the one it keeps)."""
         if self.dp is not None:
             return None
+        key = (tuple(int(v) for v in shape), np.dtype(dtype).name, tile, overlap, align, tiles_per_call)
+        if key in self._temporaries:
+            return self._temporaries[key]
         temp = 0
         for _, call, args, _ in self._call_specs(shape, dtype, tile, overlap, align, tiles_per_call):
             with warnings.catch_warnings():
@@ -293,6 +302,7 @@ class StagedTiler:
             mem = compiled.memory_analysis()
             if mem is not None:
                 temp = max(temp, int(mem.temp_size_in_bytes))
+        self._temporaries[key] = temp
         return temp
 
     def __call__(self, x: np.ndarray | jax.Array, tile: int, overlap: int, *, align: int = 1,
