@@ -200,11 +200,19 @@ def setup_(base):
     return loop.build(_config(), base, jax.random.fold_in(jax.random.key(0), 1))[1]
 
 
-def test_generator_loss_wiring(base, setup_, monkeypatch):
+@pytest.mark.parametrize("vsd_prompt", ["text", "visual"])
+def test_generator_loss_wiring(base, setup_, monkeypatch, vsd_prompt):
     """The generator's loss evaluated once with its heavy parts replaced by recorders (the VAE by 8x8 pooling, the
     UNet step, VSD and the fake score's loss: their math is tested above and in jsr.sr): the UNet's context is the
     LQ's visual prompt; each sample's code comes from the latent grouping of its LQ and HQ latents and chooses its
-    VSD range; VSD and the fake score see the text prompt, VSD the text negative (the release's reading)."""
+    VSD range. ``rcod.vsd_prompt="text"`` (default, the release's reading): VSD and the fake score see the text
+    prompt, VSD the text negative. ``"visual"`` (the paper's reading): both see the visual prompt and VSD's
+    negative is the projected CLIP tokens of an all-zero image."""
+    if vsd_prompt == "visual":
+        from jsr.train import loop
+
+        setup_ = loop.build(_config(**{"rcod.vsd_prompt": "visual"}), base,
+                            jax.random.fold_in(jax.random.key(0), 1))[1]
     seen = {}
     real_t = rcod.vsd_timesteps
 
@@ -260,11 +268,21 @@ def test_generator_loss_wiring(base, setup_, monkeypatch):
     assert args == (20, 200, 980, 749)
     c, c_neg, t, cfg = seen["vsd"]
     np.testing.assert_array_equal(t, seen["t"])
-    np.testing.assert_array_equal(c, batch["c"])
-    np.testing.assert_array_equal(c_neg, setup_.frozen["c_neg"])
     assert cfg == 7.5
+    if vsd_prompt == "text":
+        np.testing.assert_array_equal(c, batch["c"])
+        np.testing.assert_array_equal(c_neg, setup_.frozen["c_neg"])
+        want_c = batch["c"]
+    else:
+        assert rel_error(c, want_ctx) < 1e-6 and c.shape[0] == 2
+        s = setup_.frozen["vision"].config.image_size
+        zero = rcod.visual_context(setup_.frozen["vision"], setup_.params["gen"]["proj"],
+                                   jnp.zeros((1, s, s, 3), jnp.float32), "release")
+        assert c_neg.shape[0] == 1 and rel_error(c_neg, zero) < 1e-6
+        assert float(jnp.abs(c_neg - c[:1]).max()) > 1e-3  # the zero image is not the LQ
+        want_c = c
     fake.loss(setup_.params, setup_.frozen, batch, jax.random.key(6), carry)
-    np.testing.assert_array_equal(seen["fake"][1], batch["c"])
+    np.testing.assert_array_equal(seen["fake"][1], want_c)
     np.testing.assert_array_equal(seen["fake"][0], carry["z_hat"])
 
 
@@ -388,9 +406,9 @@ def test_only_rcod_files_are_read_as_rcod(base, release, tmp_path):
         m.import_release(tmp_path / "wide.pkl", base)
 
 
-def _run_cli(args, out, env=None):
-    cmd = [sys.executable, "-m", "jsr.infer", *map(str, args), "--model", "tiny", "--color_fix", "none", "--output",
-           str(out), "--no_progress"]
+def _run_cli(args, out, env=None, model="tiny"):
+    cmd = [sys.executable, "-m", "jsr.infer", *map(str, args), "--model", str(model), "--color_fix", "none",
+           "--output", str(out), "--no_progress"]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env or dict(os.environ), capture_output=True, text=True, timeout=900)
     print(f"jsr.infer subprocess: {time.perf_counter() - t0:.0f} s")
@@ -408,13 +426,24 @@ def _lq_file(folder):
 
 def test_jsr_infer_runs_the_release_file(base, release, vision_dir, tmp_path):
     """``python -m jsr.infer --lora rcod_o.pkl --lora vision=DIR --rcod_code 499`` gives the in-process restorer's
-    image (the programs the release test compiled, through the session's XLA cache)."""
+    image (the programs the release test compiled, through the session's XLA cache), on an SD folder without
+    ``text_encoder/`` and ``tokenizer/``: RCOD's context is the visual prompt, no text encoder loads."""
     x_up = _lq_file(tmp_path / "in")
+    textless = tmp_path / "sd-without-text"
+    textless.mkdir()
+    for part in ("unet", "vae", "scheduler", "model_index.json"):
+        (textless / part).symlink_to(base.path / part)
     _run_cli([tmp_path / "in", "--lora", release["path"], "--lora", f"vision={vision_dir}", "--rcod_code", "499"],
-             tmp_path / "o")
+             tmp_path / "o", model=textless)
     cli = np.asarray(Image.open(tmp_path / "o" / "a_sr.png"), np.float32)
-    r = load_restorer(base, [str(release["path"]), f"vision={vision_dir}"])
+    from jsr.sr.base import load_base
+
+    textless_base = load_base(textless)
+    r = load_restorer(textless_base, [str(release["path"]), f"vision={vision_dir}"])
     want = r(x_up, infer.RestoreOptions(color_fix="none", knobs={"rcod_code": 499}))[0] * 255
+    assert not textless_base.prompts.loaded
+    with pytest.raises(FileNotFoundError, match="no text_encoder/ or tokenizer/"):
+        textless_base.prompts([""])  # a method that needs the text says which folders are missing
     assert cli.shape == (64, 64, 3) and np.abs(cli - want).max() <= 1.0  # to 8-bit rounding
 
 

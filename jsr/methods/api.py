@@ -203,6 +203,9 @@ class Method:
       preview_knobs: knob values used for training previews (defaults otherwise).
       uses_image: :meth:`forward` also takes ``x_lq``, the LQ pixels under ``z_lq`` (CODSR's modulation reads
         them); the restorer tiles them with the latent.
+      text_prompt: inference conditions on the text prompt's embedding (``c``); False for a method whose
+        cross-attention context comes from the image (:meth:`context`, RCOD): its restorer then never loads
+        the base's text encoder (``c`` is None) and the SD folder needs no ``text_encoder/`` or ``tokenizer/``.
     """
 
     name: ClassVar[str] = ""
@@ -212,6 +215,7 @@ class Method:
     required_roles: ClassVar[tuple[str, ...]] = ()
     preview_knobs: ClassVar[Mapping[str, Any]] = {}
     uses_image: ClassVar[bool] = False
+    text_prompt: ClassVar[bool] = True
 
     # -- configuration -------------------------------------------------------------------------------------------
 

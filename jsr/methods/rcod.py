@@ -312,6 +312,7 @@ class RCOD(ImageForLFIM, Method):  # LFIM's spatial gate reads the LQ pixels
              "proj": "visual-prompt projection (CLIP width -> cross-attention width)",
              "vision": "the frozen CLIP vision encoder: a transformers folder (openai/clip-vit-large-patch14)"}
     required_roles = ("unet", "proj", "vision")
+    text_prompt = False  # the visual prompt replaces the text at inference: no text encoder loads
     knobs = (CODE_KNOB, PREPROCESS_KNOB, ABAR_KNOB) + LFIM_KNOBS
 
     def config(self):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 
@@ -28,7 +28,9 @@ class Base:
     Attributes:
       models: the static half (modules, schedule, latent scale), hashable for jit.
       unet_params, vae_params: frozen base parameters (stored in ``param_dtype``).
-      prompts: prompt -> embedding encoder with a per-prompt cache.
+      prompts: prompt -> embedding encoder with a per-prompt cache; the text encoder loads on the first prompt
+        (:class:`LazyPromptEncoder`), so a method whose context comes from the image (RCOD) needs no
+        ``text_encoder/`` or ``tokenizer/`` to restore.
       path: the folder it came from.
       random_weights: the folder holds random weights written by ``jsr.weights.tiny.write_tiny_sd`` (its
         ``model_index.json`` names a ``_jsr_preset``): training may then stand in random teachers and a random
@@ -38,9 +40,48 @@ class Base:
     models: SDModels
     unet_params: Any
     vae_params: Any
-    prompts: PromptEncoder
+    prompts: "PromptEncoder | LazyPromptEncoder"
     path: Path
     random_weights: bool = False
+
+
+class LazyPromptEncoder:
+    """A :class:`jsr.sr.prompts.PromptEncoder` for an SD folder's ``text_encoder/`` and ``tokenizer/``, loaded on
+    the first prompt (``__call__``, ``negative``, ``len``). A missing folder is a FileNotFoundError then, naming it."""
+
+    def __init__(self, folder: Path, dtype: Any, param_dtype: Any, attention: str):
+        self.folder, self._args, self._encoder = Path(folder), (dtype, param_dtype, attention), None
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the text encoder has been loaded."""
+        return self._encoder is not None
+
+    @property
+    def encoder(self) -> PromptEncoder:
+        """The loaded encoder (loading it now if needed)."""
+        if self._encoder is None:
+            from jsr.models.clip_text import Tokenizer
+            from jsr.weights import load_text_encoder
+
+            missing = [d for d in ("text_encoder", "tokenizer") if not (self.folder / d).is_dir()]
+            if missing:
+                raise FileNotFoundError(f"{self.folder}: no {' or '.join(d + '/' for d in missing)} (this method "
+                                        "encodes a text prompt: want the diffusers layout of the SD model)")
+            dtype, param_dtype, attention = self._args
+            text, params = load_text_encoder(self.folder / "text_encoder", dtype=param_dtype,
+                                             attention_impl=attention)
+            self._encoder = PromptEncoder(text.clone(dtype=dtype), params, Tokenizer(self.folder / "tokenizer"))
+        return self._encoder
+
+    def __call__(self, prompts: str | Sequence[str]) -> Any:
+        return self.encoder(prompts)
+
+    def negative(self, *args: Any, **kw: Any) -> Any:
+        return self.encoder.negative(*args, **kw)
+
+    def __len__(self) -> int:
+        return 0 if self._encoder is None else len(self._encoder)
 
 
 def load_base(path: str | os.PathLike = "", *, dtype: Any = jnp.float32, param_dtype: Any = None,
@@ -57,7 +98,7 @@ def load_base(path: str | os.PathLike = "", *, dtype: Any = jnp.float32, param_d
       tiny_seed: seed of the embedded tiny model when ``path`` is empty.
     """
     from jsr.console import notice
-    from jsr.weights import load_text_encoder, load_unet, load_vae
+    from jsr.weights import load_unet, load_vae
     from jsr.weights.tiny import default_tiny_sd_dir, write_tiny_sd
 
     if not str(path):
@@ -67,7 +108,8 @@ def load_base(path: str | os.PathLike = "", *, dtype: Any = jnp.float32, param_d
         folder = write_tiny_sd(folder, seed=tiny_seed)
     else:
         folder = Path(path)
-        missing = [d for d in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if not (folder / d).is_dir()]
+        # The text encoder and tokenizer load on the first prompt (LazyPromptEncoder): not needed by every method.
+        missing = [d for d in ("unet", "vae", "scheduler") if not (folder / d).is_dir()]
         if missing:
             raise FileNotFoundError(f"{folder}: not an SD model folder, missing {', '.join(missing)}/ "
                                     "(want the diffusers layout of e.g. stabilityai/stable-diffusion-2-1-base)")
@@ -75,10 +117,7 @@ def load_base(path: str | os.PathLike = "", *, dtype: Any = jnp.float32, param_d
     unet, unet_params = load_unet(folder / "unet", dtype=param_dtype, attention_impl=attention, remat=remat)
     vae, vae_params = load_vae(folder / "vae", dtype=param_dtype, attention_impl=attention, remat=remat)
     unet, vae = unet.clone(dtype=dtype), vae.clone(dtype=dtype)
-    from jsr.models.clip_text import Tokenizer
-
-    text, text_params = load_text_encoder(folder / "text_encoder", dtype=param_dtype, attention_impl=attention)
-    prompts = PromptEncoder(text.clone(dtype=dtype), text_params, Tokenizer(folder / "tokenizer"))
+    prompts = LazyPromptEncoder(folder, dtype, param_dtype, attention)
     models = SDModels(unet=unet, vae=vae, schedule=load_schedule(folder),
                       scaling_factor=float(vae.config.scaling_factor))
     return Base(models=models, unet_params=unet_params, vae_params=vae_params, prompts=prompts, path=folder,
