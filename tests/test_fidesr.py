@@ -167,6 +167,69 @@ def _config():
     return c
 
 
+def test_daw_weights_each_loss_term(base, monkeypatch):
+    """FiDeSR's generator loss evaluated once with its heavy parts replaced (the VAE by 8x8 pooling, the one step
+    by a fixed map, LPIPS by a stand-in spatial map, CSD by a recorder): the DAW weight ``w`` (its maps are tested
+    in test_fidesr_blocks) multiplies the per-pixel L2 and the LPIPS map, and reaches CSD resized to the latent
+    grid with the release's ``+ 1e-6``; total = 1 L2 + 2 LPIPS + 1 CSD. Past the ramp, so ``w`` is not 1."""
+    import jsr.metrics.lpips as lpips_mod
+    from jsr.methods import fidesr as fidesr_mod
+    from jsr.sr import daw, losses
+    from jsr.train import loop
+
+    def encode(models, vae_params, x, lora=None, rng=None):
+        b, h, w, _ = x.shape
+        z = x.reshape(b, h // 8, 8, w // 8, 8, 3).mean((2, 4))
+        return jnp.concatenate([z, z[..., :1]], -1)
+
+    def decode(models, vae_params, z):
+        return jnp.tanh(jnp.repeat(jnp.repeat(z[..., :3], 8, 1), 8, 2))
+
+    def one_step(models, up, lora, lrrb, z, c):
+        return z * 0.5 + 0.1, None
+
+    def lp_map(_, a, b, precision=None):  # [B, H, W, 1], inputs in [0, 1] as LPIPS takes them
+        return jnp.mean(jnp.abs(a - b), -1, keepdims=True) + 0.1
+
+    seen = {}
+
+    def csd_rec(z_hat, c, c_neg, rng, **kw):
+        seen.update(z_hat=z_hat, **kw)
+        return jnp.float32(0.25), {"csd": jnp.float32(0.25)}
+
+    monkeypatch.setattr(lpips_mod, "lpips_spatial", lp_map)  # read when the setup is built
+    monkeypatch.setattr(generator, "encode", encode)
+    monkeypatch.setattr(generator, "decode", decode)
+    monkeypatch.setattr(fidesr_mod, "fidesr_latent", one_step)
+    monkeypatch.setattr(losses, "csd_loss", csd_rec)
+    config = _config()
+    setup_ = loop.build(config, base, jax.random.fold_in(jax.random.key(0), 1))[1]
+    rng = np.random.default_rng(4)
+    lq = rng.random((2, 64, 64, 3), np.float32)
+    hq = np.clip(lq + rng.normal(0, 0.2, lq.shape), 0, 1).astype(np.float32)
+    hq[:, 16:32, 16:32] = rng.random((2, 16, 16, 3))  # a detailed patch, so the weight varies
+    step = config.fidesr.daw_warmup + config.fidesr.daw_ramp + 5
+    batch = {"lq": jnp.asarray(lq), "hq": jnp.asarray(hq), "c": base.prompts(["", ""]),
+             "step": jnp.asarray(step, jnp.int32)}
+    gen = setup_.phases[0][1][0]
+    total, (parts, _) = gen.loss(setup_.params, setup_.frozen, batch, jax.random.key(3), None)
+    x_lq, x_hq = batch["lq"] * 2 - 1, batch["hq"] * 2 - 1
+    x_sr = decode(None, None, one_step(None, None, None, None, encode(None, None, x_lq), None)[0])
+    lp = lp_map(None, x_sr * 0.5 + 0.5, x_hq * 0.5 + 0.5)
+    fc = config.fidesr  # the release's DAW flags, as FiDeSR's setup reads them
+    w = daw.daw_weight(x_sr, x_hq, lp, step, daw.DAWOptions(
+        alpha_hf=fc.daw_alpha, alpha_lf=fc.daw_alpha_lf, warmup=fc.daw_warmup, ramp=fc.daw_ramp, p_perc=fc.daw_p,
+        wmax=fc.daw_wmax, lf_smooth=fc.daw_lf_smooth))
+    assert float(jnp.std(w)) > 0.05 and abs(float(jnp.mean(w)) - 1) < 1e-5
+    np.testing.assert_allclose(float(parts["l2"]), float(jnp.mean(w * jnp.square(x_sr - x_hq))), rtol=1e-5)
+    np.testing.assert_allclose(float(parts["lpips"]), float(jnp.mean(w * lp)), rtol=1e-5)
+    assert not np.isclose(float(parts["l2"]), float(jnp.mean(jnp.square(x_sr - x_hq))), rtol=1e-3)
+    want_map = daw.resize_to_latent(w, (8, 8))
+    assert seen["w_eps"] == 1e-6 and seen["weight_map"].shape == (2, 8, 8, 1)
+    np.testing.assert_allclose(np.asarray(seen["weight_map"]), np.asarray(want_map), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(float(total), float(parts["l2"]) + 2 * float(parts["lpips"]) + 0.25, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     from jsr.train import loop
@@ -336,3 +399,56 @@ def test_lfim_knobs_are_shared_and_gains_zero_change_nothing(base):
                                    rtol=1e-6)  # one program vs another: XLA may fuse differently
     with pytest.raises(ValueError, match="needs the LQ image"):
         jsr.methods.get("osediff").forward(mo, up, {"unet": u}, z, c, {"lfim_low": 0.1})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command lines themselves (-m slow: each subprocess compiles its programs)
+
+
+def _infer_cli(args, out):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    cmd = [sys.executable, "-m", "jsr.infer", *map(str, args), "--model", "tiny", "--color_fix", "none", "--output",
+           str(out), "--no_progress"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "with fidesr" in p.stderr
+    return np.asarray(Image.open(Path(out) / "a_sr.png"), np.float32)
+
+
+def _lq_folder(folder):
+    folder.mkdir()
+    lq8 = np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8)
+    Image.fromarray(lq8).save(folder / "a.png")
+    return infer.upscale_bicubic(lq8.astype(np.float32) / 255.0, 4)[None]
+
+
+@pytest.mark.slow
+def test_train_py_then_jsr_infer(tmp_path):
+    """``train.py --config configs/fidesr.py:tiny`` (2 steps) -> export (peft LoRA + LRRB safetensors/JSON +
+    manifest) -> ``python -m jsr.infer --lora <export> --lfim_low 0.2 --lfim_high 0.3``, and LFIM's gains move
+    the output (gains 0 vs the release's)."""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    work = tmp_path / "w"
+    cmd = [sys.executable, "train.py", "--config", "configs/fidesr.py:tiny", "--workdir", str(work),
+           "--config.total_steps=2"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (work / "export" / "gen" / "lrrb" / "model.safetensors").is_file()
+    assert json.loads((work / "export" / "gen" / "lrrb" / "config.json").read_text())["growth"] > 0
+    assert json.loads((work / "export" / "gen" / "jsr_export.json").read_text())["method"] == "fidesr"
+    _lq_folder(tmp_path / "in")
+    on = _infer_cli([tmp_path / "in", "--lora", work / "export", "--lfim_low", "0.2", "--lfim_high", "0.3"],
+                    tmp_path / "on")
+    off = _infer_cli([tmp_path / "in", "--lora", work / "export", "--lfim_low", "0", "--lfim_high", "0"],
+                     tmp_path / "off")
+    assert on.shape == (64, 64, 3) and np.abs(on - off).max() > 0
+
+
+@pytest.mark.slow
+def test_jsr_infer_runs_the_release_file(base, release, tmp_path):
+    """``python -m jsr.infer --lora fidesr.pkl`` gives the in-process restorer's image of the release file."""
+    x_up = _lq_folder(tmp_path / "in")
+    cli = _infer_cli([tmp_path / "in", "--lora", release["path"]], tmp_path / "o")
+    r = load_restorer(base, str(release["path"]))
+    want = r(x_up, infer.RestoreOptions(color_fix="none"))[0] * 255
+    assert cli.shape == (64, 64, 3) and np.abs(cli - want).max() <= 1.0  # to 8-bit rounding
