@@ -61,7 +61,8 @@ def test_constraints_only_under_a_mesh():
     assert "P(('data', 'fsdp'), None, 'tensor', None)" in text
 
 
-@pytest.mark.slow  # 46 s on the loaded 2-core CPU; the default run's 2x2x2 check is tests/test_train_loop.py's
+# The default run's 2x2x2 check (46 s on the loaded 2-core CPU); the loop's whole sharded step against the plain
+# one (373 s) is tests/test_train_loop.py's, under -m slow.
 def test_sharded_remat_gradient_equals_one_device():
     """VAE encoder -> UNet gradient with remat ``blocks`` and activation constraints on a data x fsdp x tensor
     mesh (parameters sharded by their logical axes, the batch over data x fsdp) equals the plain one-device

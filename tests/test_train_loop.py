@@ -96,9 +96,12 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
                    tmp_path / "b")
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device_step():
     """The loop's step on a 2x2x2 mesh (``loop.jit_step``: traced under the mesh, activations constrained by the
-    rules, remat ``blocks``) against the plain one-device step without remat."""
+    rules, remat ``blocks``) against the plain one-device step without remat. Slow (373 s of compiling the 8-device
+    step on the 2-core CPU, 2026-11-30); the default run keeps the same mesh's remat + constraints gradient check
+    (tests/test_activation_sharding.py) and the loop's tracing under the mesh."""
     from jsr.sr.base import load_base
     from jsr.train import sharding
     from jsr.train.step import init_state, make_train_step
