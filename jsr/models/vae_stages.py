@@ -50,6 +50,9 @@ class Stage:
         assembles them ([N, h, w, C] at this stage's scale) and hands them to the next stage as ``context``
         instead of in the carry. The attention's keys and values are gathered, so that attention over a tile's
         queries sees every position of the image, as untiled.
+      pointwise: the stage's output at a pixel depends only on the carry at that pixel (and the context), as
+        the attention's second stage: the executor may run it once per image pixel (on the mosaic of the
+        windows' cores) instead of once per window pixel, the overlaps included.
     """
 
     name: str
@@ -57,6 +60,7 @@ class Stage:
     groups: int
     scale: Fraction
     gather: tuple[str, ...] = ()
+    pointwise: bool = False
 
 
 def _sub(params: Params, path: str) -> Params:
@@ -87,10 +91,11 @@ class _Builder:
         self.stages: list[Stage] = []
 
     def add(self, name: str, fn: Callable[..., Carry], groups: int | None = None, gather: tuple[str, ...] = (),
-            context: bool = False) -> None:
+            context: bool = False, pointwise: bool = False) -> None:
         """Append ``fn(params, carry, mean, var)`` (``fn(params, carry, mean, var, context)`` if ``context``)."""
         full = fn if context else (lambda params, carry, mean, var, ctx: fn(params, carry, mean, var))
-        self.stages.append(Stage(name, full, self.groups if groups is None else groups, self.scale, gather))
+        self.stages.append(Stage(name, full, self.groups if groups is None else groups, self.scale, gather,
+                                 pointwise))
 
     def resnet(self, path: str, resample: Callable[[Params, jax.Array], jax.Array] | None = None,
                resample_scale: Fraction = Fraction(1)) -> None:
@@ -147,7 +152,8 @@ class _Builder:
             return {"x": out.reshape(n, hh, ww, c) + x.astype(out.dtype)}
 
         self.add(f"{path}/group_norm", project, gather=("k", "v"))
-        self.add(f"{path}/attention", attend, groups=0, context=True)
+        # Per pixel: each query attends to the whole image's keys; the residual and out-projection are per pixel.
+        self.add(f"{path}/attention", attend, groups=0, context=True, pointwise=True)
 
     def mid_block(self, path: str) -> None:
         self.resnet(f"{path}/resnets_0")

@@ -15,6 +15,13 @@ seams. Here the network runs stage by stage over all tiles:
    which stage ``k + 1``'s GroupNorm uses on every tile. Each pixel counts once, since cores partition the image.
 4. The output is the mosaic of the last stage's cores: no blending.
 
+A *pointwise* stage (the mid-block attention's second half: each query against the whole image's gathered keys
+and values, then a per-pixel projection) runs on the image's pixels instead of its windows: the windows' cores
+are assembled into a mosaic, cut into chunks of a window's pixel count (one program shape), and the result is cut
+back into windows. Its queries are computed once per pixel rather than once per window pixel (the overlaps
+repeated ~1.5-1.75x of them at the default tiles: the largest cost on large images, quadratic in their area), and
+an overlap pixel continues with its core owner's value instead of a border-affected one of its own window.
+
 Between stages the carries of all windows live on the host (numpy), so device memory holds one batch of windows;
 host memory holds the current stage's activations for the whole image (plus the overlap): with SD's VAE (128-512
 channels) that is tens of GB for a 4096x3072 output. With ``spill_dir`` the carries go to files there instead
@@ -23,8 +30,9 @@ what either way needs; :meth:`jsr.sr.infer.Restorer.plan` chooses between them u
 
 Exactness. The norms are the whole image's up to how far window borders reach into the cores: convolutions at a
 window's inner border see zero padding instead of the neighbour, and the error grows inwards by each layer's
-receptive field. The VAE mid-block's attention sees one window. Neither goes away (the VAE's receptive field is
-larger than any practical overlap); both shrink as overlap and tiles grow. ``tests/test_staged_tiling.py`` states
+receptive field; the mid-block attention sees every position of the image (its keys and values are gathered) and
+re-synchronises the windows' overlaps (above). The border error does not go away (the VAE's receptive field is
+larger than any practical overlap); it shrinks as overlap and tiles grow. ``tests/test_staged_tiling.py`` states
 the measured figures.
 """
 
@@ -170,6 +178,10 @@ class _CarryStore:
             return np.load(item[key])
         return {k: np.load(path) for k, path in item.items()}
 
+    def keys(self, i: int) -> list[str]:
+        """The array names of call ``i``'s carry (without loading them)."""
+        return list(self._items[i])
+
     def pop(self, i: int, key: str) -> Any:
         value = self.get(i, key)
         entry = self._items[i].pop(key)
@@ -228,7 +240,22 @@ class StagedTiler:
     def steps(self, shape: Sequence[int], tile: int, overlap: int, *, align: int = 1,
               tiles_per_call: int = 1) -> int:
         """How many stage calls (progress steps) a run on an input of ``shape`` makes."""
-        return len(self.stages) * len(self._layout(shape, tile, overlap, align, tiles_per_call)[1])
+        windows, groups, _, k, th, tw = self._layout(shape, tile, overlap, align, tiles_per_call)
+        return sum(len(groups) if c is None else c[3]
+                   for c in (self._chunking(st, shape, th, tw, k, len(windows)) for st in self.stages))
+
+    def _chunking(self, stage: Stage, shape: Sequence[int], th: int, tw: int, k: int,
+                  windows: int) -> tuple[int, int, int, int] | None:
+        """How a pointwise stage runs on the image's pixels instead of its windows: ``(pixels per chunk = a
+        window's, image pixels, chunks, calls of k chunks)`` at the stage's scale; None when it runs per window
+        (not pointwise, or one window: nothing repeats)."""
+        if not stage.pointwise or windows <= 1:
+            return None
+        s = stage.scale
+        p = scaled(th, s) * scaled(tw, s)
+        n_px = scaled(shape[1], s) * scaled(shape[2], s)
+        chunks = -(-n_px // p)
+        return p, n_px, chunks, -(-chunks // k)
 
     def estimate(self, shape: Sequence[int], dtype: Any, tile: int, overlap: int, *, align: int = 1,
                  tiles_per_call: int = 1) -> StagedEstimate:
@@ -237,12 +264,20 @@ class StagedTiler:
         windows, groups, _, k, th, tw = self._layout(shape, tile, overlap, align, tiles_per_call)
         b, h, w = shape[0], shape[1], shape[2]
         n = len(groups)
-        in_memory = spilled = disk = per_call = device = 0
+        in_memory = spilled = disk = per_call = device = calls = 0
         image_in = int(np.prod(shape)) * np.dtype(dtype).itemsize  # the windows are cut from it
         for stage, _, (carry, _, _, context, _), out in self._call_specs(shape, dtype, tile, overlap, align,
                                                                           tiles_per_call):
             c_in, c_out = _nbytes(carry), _nbytes(out)
             ctx = 2 * _nbytes(context)  # the mosaic and its device copy
+            chunking = self._chunking(stage, shape, th, tw, k, len(windows))
+            calls += n if chunking is None else chunking[3]
+            if chunking is not None:  # whole-image mosaics of the stage's input and output beside the windows
+                px = chunking[1] * b / (k * b * chunking[0])  # image pixels over one call's
+                img_in, img_out = int(c_in * px), int(c_out * px)
+                in_memory = max(in_memory, n * c_in + img_in + ctx, img_in + img_out + ctx,
+                                img_out + n * c_out + ctx)
+                spilled = max(spilled, img_in + img_out + ctx)
             in_memory = max(in_memory, n * max(c_in, c_out) + min(c_in, c_out) + ctx)
             spilled = max(spilled, c_in + c_out + ctx)
             disk = max(disk, n * (c_in + c_out))
@@ -258,22 +293,30 @@ class StagedTiler:
         final = b * scaled(h, self.stages[-1].scale) * scaled(w, self.stages[-1].scale) * 4 * out["x"].shape[-1]
         in_memory = max(in_memory, n * _nbytes(carry) + final, n * _nbytes({"x": carry["x"]}) + image_in)
         spilled = max(spilled, _nbytes(carry) + final, image_in)
-        return StagedEstimate(len(windows), len(self.stages) * n, in_memory, spilled, disk, per_call,
+        return StagedEstimate(len(windows), calls, in_memory, spilled, disk, per_call,
                               len(self.stages), (k * b, th, tw), device)
 
     def _call_specs(self, shape: Sequence[int], dtype: Any, tile: int, overlap: int, align: int,
                     tiles_per_call: int):
         """Yield ``(stage, call, argument shapes (carry, mean, var, context, mask), output carry shapes)`` of
         every stage of a run on an input of ``shape``, in order (``jax.eval_shape``: nothing runs)."""
-        _, groups, _, k, th, tw = self._layout(shape, tile, overlap, align, tiles_per_call)
+        windows, groups, _, k, th, tw = self._layout(shape, tile, overlap, align, tiles_per_call)
         b, h, w = shape[0], shape[1], shape[2]
         sds = jax.ShapeDtypeStruct
         carry = {"x": sds((k * b, th, tw, shape[3]), dtype)}
         mean = var = context = None
         for stage, call in zip(self.stages, self.calls):
-            mask = sds((k * b, scaled(th, stage.scale), scaled(tw, stage.scale)), np.float32)
+            ths, tws = scaled(th, stage.scale), scaled(tw, stage.scale)
+            chunking = self._chunking(stage, shape, th, tw, k, len(windows))
+            if chunking is None:
+                mask = sds((k * b, ths, tws), np.float32)
+            else:  # k chunks of a window's pixel count, as one row each
+                carry = {key: sds((k * b, 1, chunking[0], v.shape[-1]), v.dtype) for key, v in carry.items()}
+                mask = sds((k * b, 1, chunking[0]), np.float32)
             out, _ = jax.eval_shape(call.fn, self.params, carry, mean, var, context, mask)
             yield stage, call, (carry, mean, var, context, mask), out
+            if chunking is not None:  # cut back into windows for the next stage
+                out = {key: sds((k * b, ths, tws, v.shape[-1]), v.dtype) for key, v in out.items()}
             context = None
             if stage.gather:
                 context = {key: sds((b, scaled(h, stage.scale), scaled(w, stage.scale), out[key].shape[-1]),
@@ -305,6 +348,58 @@ class StagedTiler:
         self._temporaries[key] = temp
         return temp
 
+    def _pointwise(self, call, store: "_CarryStore", groups: list, real: list[int], k: int,
+                   size: tuple[int, int, int], window: tuple[int, int], s: Fraction,
+                   chunking: tuple[int, int, int, int], norm_ctx: tuple, progress) -> list:
+        """Run a pointwise stage once per image pixel: the windows' carries are assembled into the mosaic of their
+        cores, cut into chunks of a window's pixel count (k per call, every call one shape), and the output
+        mosaic is cut back into the windows for the next stage. Overlap pixels thereby take their core owner's
+        values (as the untiled network has them) instead of their own window's border-affected ones. Returns
+        the per-chunk moments as the window loop gathers them."""
+        b, h, w = size
+        p, n_px, chunks, calls = chunking
+        mean, var, context = norm_ctx
+        keys = list(store.keys(0))
+        flat = {}
+        for key in keys:
+            parts = [functools.partial(store.get, gi, key) for gi in range(len(groups))]
+            m = _mosaic(parts, groups, real, b, h, w, s)
+            flat[key] = m.reshape(b, n_px, m.shape[-1])
+        for gi in range(len(groups)):  # the windows' own copies are superseded by the mosaic
+            store.put(gi, {})
+        stats: list = []
+        out_flat: dict[str, np.ndarray] = {}
+        rows = np.arange(p)
+        for ci in range(calls):
+            idx = [min(ci * k + t, chunks - 1) for t in range(k)]  # the last call repeats its last chunk
+            n_real = min(k, chunks - ci * k)
+            carry = {key: np.concatenate([_chunk(a, j, p) for j in idx], 0)[:, None] for key, a in flat.items()}
+            masks = np.concatenate([np.broadcast_to((j * p + rows < n_px).astype(np.float32), (b, 1, p))
+                                    for j in idx], 0)
+            out, mom = call(self.params, carry, mean, var, context, masks)
+            out = jax.tree.map(np.asarray, out)
+            for key, v in out.items():
+                if key not in out_flat:
+                    out_flat[key] = np.zeros((b, n_px, v.shape[-1]), v.dtype)
+                for t in range(n_real):
+                    lo, hi = idx[t] * p, min((idx[t] + 1) * p, n_px)
+                    out_flat[key][:, lo:hi] = v[t * b:(t + 1) * b, 0, :hi - lo]
+            del out, carry
+            if mom is not None:
+                cnt, mu, m2 = (np.asarray(a, np.float64) for a in mom)
+                stats += [(cnt[t * b], mu[t * b:(t + 1) * b], m2[t * b:(t + 1) * b]) for t in range(n_real)]
+            if progress is not None:
+                progress(1)
+        del flat
+        hs, ws = scaled(h, s), scaled(w, s)
+        ths, tws = scaled(window[0], s), scaled(window[1], s)
+        images = {key: v.reshape(b, hs, ws, -1) for key, v in out_flat.items()}
+        for gi, grp in enumerate(groups):
+            store.put(gi, {key: np.concatenate([v[:, scaled(w_.y, s):scaled(w_.y, s) + ths,
+                                                  scaled(w_.x, s):scaled(w_.x, s) + tws] for w_ in grp], 0)
+                           for key, v in images.items()})
+        return stats
+
     def __call__(self, x: np.ndarray | jax.Array, tile: int, overlap: int, *, align: int = 1,
                  tiles_per_call: int = 1, spill_dir: str | os.PathLike | None = None,
                  progress: Callable[[int], None] | None = None) -> np.ndarray:
@@ -320,7 +415,7 @@ class StagedTiler:
         computes what the untiled network does.
         """
         b, h, w, _ = x.shape
-        _, groups, real, k, th, tw = self._layout(x.shape, tile, overlap, align, tiles_per_call)
+        windows, groups, real, k, th, tw = self._layout(x.shape, tile, overlap, align, tiles_per_call)
         store = _CarryStore(spill_dir)
         try:
             for gi, grp in enumerate(groups):
@@ -331,7 +426,11 @@ class StagedTiler:
                 stats: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
                 mb = None if mean is None else np.tile(mean, (k, 1))
                 vb = None if var is None else np.tile(var, (k, 1))
-                for gi, grp in enumerate(groups):
+                chunking = self._chunking(stage, x.shape, th, tw, k, len(windows))
+                if chunking is not None:
+                    stats = self._pointwise(call, store, groups, real, k, (b, h, w), (th, tw), stage.scale,
+                                            chunking, (mb, vb, context), progress)
+                for gi, grp in enumerate(groups if chunking is None else ()):
                     masks = np.concatenate([np.repeat(w_.core_mask(stage.scale)[None], b, 0) for w_ in grp], 0)
                     out, mom = call(self.params, store.get(gi), mb, vb, context, masks)
                     store.put(gi, jax.tree.map(np.asarray, out))
@@ -394,6 +493,14 @@ def _mosaic(parts: list[Callable[[], Any]], groups: list[list[_Window]], real: l
         for t, w_ in enumerate(grp[:n]):
             out[(slice(None),) + w_.core_in_image(s)] = part[(slice(t * b, (t + 1) * b),) + w_.core(s)]
     return out
+
+
+def _chunk(a: np.ndarray, j: int, p: int) -> np.ndarray:
+    """Chunk ``j`` of ``p`` pixels of ``a`` [b, n, C] ([b, p, C]), zero-padded past the end."""
+    part = a[:, j * p:(j + 1) * p]
+    if part.shape[1] < p:
+        part = np.concatenate([part, np.zeros((a.shape[0], p - part.shape[1], a.shape[2]), a.dtype)], 1)
+    return part
 
 
 class TiledVAE:
