@@ -97,6 +97,20 @@ def device_xla_flags(n: int) -> str:
     return (flags + f" --xla_force_host_platform_device_count={n}").strip()
 
 
+def train_py(config: str, workdir, *flags: str, timeout: int = 3600) -> None:
+    """Run ``python train.py --config CONFIG --workdir WORKDIR FLAGS...`` from the repository root on one device
+    (the session's compile flags) and fail with its stderr's tail unless it exits 0."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, XLA_FLAGS=one_device_xla_flags())
+    p = subprocess.run([sys.executable, "train.py", "--config", config, "--workdir", str(workdir), *flags],
+                       cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                       timeout=timeout)
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
 def override(config, over: dict):
     """``config`` with dotted-path overrides applied in place (``{"loss.lpips": 0.0}``), returned for chaining."""
     for k, v in over.items():

@@ -34,7 +34,7 @@ from jsr.methods.restorer import load_restorer
 from jsr.models import lora as L
 from jsr.models.lrrb import LRRBConfig, init_lrrb_params, lrrb_to_torch
 from jsr.sr import generator, infer, lfim
-from tests.helpers import add_osediff_unet_adapters, randomise_torch, rel_error, upscaled_lq
+from tests.helpers import add_osediff_unet_adapters, randomise_torch, rel_error, train_py, upscaled_lq
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ("encoder", "decoder", "others")
@@ -427,12 +427,8 @@ def test_train_py_then_jsr_infer(tmp_path):
     """``train.py --config configs/fidesr.py:tiny`` (2 steps) -> export (peft LoRA + LRRB safetensors/JSON +
     manifest) -> ``python -m jsr.infer --lora <export> --lfim_low 0.2 --lfim_high 0.3``, and LFIM's gains move
     the output (gains 0 vs the release's)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     work = tmp_path / "w"
-    cmd = [sys.executable, "train.py", "--config", "configs/fidesr.py:tiny", "--workdir", str(work),
-           "--config.total_steps=2"]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
-    assert p.returncode == 0, p.stderr[-3000:]
+    train_py("configs/fidesr.py:tiny", work, "--config.total_steps=2")
     assert (work / "export" / "gen" / "lrrb" / "model.safetensors").is_file()
     assert json.loads((work / "export" / "gen" / "lrrb" / "config.json").read_text())["growth"] > 0
     assert json.loads((work / "export" / "gen" / "jsr_export.json").read_text())["method"] == "fidesr"

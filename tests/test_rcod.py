@@ -35,7 +35,7 @@ from jsr.methods.restorer import load_restorer
 from jsr.models import lora as L
 from jsr.models.clip_vision import clip_preprocess
 from jsr.sr import infer
-from tests.helpers import add_osediff_unet_adapters, override, randomise_torch, rel_error, upscaled_lq
+from tests.helpers import add_osediff_unet_adapters, override, randomise_torch, rel_error, train_py, upscaled_lq
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = ("encoder", "decoder", "others")
@@ -539,10 +539,7 @@ def test_train_py_then_jsr_infer(tmp_path):
     ``python -m jsr.infer --lora <export> --rcod_code 499``."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     work = tmp_path / "w"
-    cmd = [sys.executable, "train.py", "--config", "configs/rcod.py:tiny", "--workdir", str(work),
-           "--config.total_steps=2"]
-    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
-    assert p.returncode == 0, p.stderr[-3000:]
+    train_py("configs/rcod.py:tiny", work, "--config.total_steps=2")
     assert (work / "export" / "gen" / "proj" / "model.safetensors").is_file()
     assert not (work / "export" / "fake").exists()  # the fake score is a training device, not a result
     src = tmp_path / "in"

@@ -153,8 +153,7 @@ class MemoryPlan:
         measured). Device memory; on a CPU that is host memory, and ``host`` includes it.
       latent_temporaries: the same for the latent step's program (-1 when not measured).
       tiles: the tiling the run uses, ``(vae_tile, vae_overlap, latent_tile, latent_overlap, tiles_per_call)``: the
-        options'
-        own unless the device budget made them smaller (:meth:`Restorer.plan`).
+        options' own unless the device budget made them smaller (:meth:`Restorer.plan`).
       device_budget: bytes a call may use on its device (0: none); ``device``: the most a planned call needs
         there (inputs, outputs, whole-image arrays and the measured temporaries; not the parameters).
       fitted: what the device budget changed, for the console (``""``: nothing).
