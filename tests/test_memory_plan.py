@@ -260,24 +260,20 @@ def test_measured_temporaries_count_and_clear_misses_are_not_compiled(sd21_resto
 def test_the_run_uses_the_tiles_the_budget_chose():
     """A stand-in restorer under a device budget that its 24-latent tiles do not fit: the plan shrinks the latent
     tile and the run gives exactly what asking for that tile gives."""
+    import dataclasses
+
     from tests.helpers import standin_restorer
 
     r = standin_restorer()
     x = np.random.default_rng(1).random((1, 192, 256, 3), np.float32)
     base = RestoreOptions(vae_tile=0, latent_tile=24, latent_overlap=8)
     call_bytes = 24 * 24 * 8 * 4  # 4 channels in, 4 out, float32
-    plan = r.plan(x.shape, dataclasses_replace(base, max_device_memory=call_bytes - 1))
+    plan = r.plan(x.shape, dataclasses.replace(base, max_device_memory=call_bytes - 1))
     assert plan.tiles[2:4] == (16, 5)
-    got = r(x, dataclasses_replace(base, max_device_memory=call_bytes - 1))
-    want = r(x, dataclasses_replace(base, latent_tile=plan.tiles[2], latent_overlap=plan.tiles[3]))
+    got = r(x, dataclasses.replace(base, max_device_memory=call_bytes - 1))
+    want = r(x, dataclasses.replace(base, latent_tile=plan.tiles[2], latent_overlap=plan.tiles[3]))
     np.testing.assert_array_equal(got, want)
     assert not np.array_equal(got, r(x, base))
-
-
-def dataclasses_replace(opts, **kw):
-    import dataclasses
-
-    return dataclasses.replace(opts, **kw)
 
 
 def test_the_device_budget_defaults_to_the_devices_free_memory(monkeypatch):

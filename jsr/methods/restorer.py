@@ -191,6 +191,8 @@ def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Seq
         z, cz, x_lq = _latent_inputs(m, z, c, ctx, jnp)
         return forward(models, up, trees, z, cz, traced, static, x_lq)
 
+    factor = 2 ** (len(models.vae.config.block_out_channels) - 1)  # the VAE's downsampling
+
     def latent_memory(call: tuple[int, int, int], channels: int, opts: RestoreOptions,
                       image_shape: tuple[int, ...]) -> int | None:
         # XLA's temporaries of the latent step on one call, compiled from shapes as latent() would call it (the
@@ -198,8 +200,7 @@ def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Seq
         traced, static = split_knobs(m, {**defaults, **opts.knobs})
         n, th, tw = call
         sds = jax.ShapeDtypeStruct
-        f = 2 ** (len(models.vae.config.block_out_channels) - 1)
-        x_lq = sds((n, th * f, tw * f, 3), jnp.float32) if channels > 4 else None
+        x_lq = sds((n, th * factor, tw * factor, 3), jnp.float32) if channels > 4 else None
         cz = c
         if m.has_context():
             ctx = jax.eval_shape(jitted_context(m), models, trees, sds(image_shape, jnp.float32), c, traced, static)
@@ -212,16 +213,14 @@ def load_restorer(model: str | os.PathLike | Base, lora: str | os.PathLike | Seq
     def whole_memory(shape: tuple[int, ...]) -> int | None:
         # XLA's temporaries of the untiled VAE programs on padded images of `shape` (what small images run).
         sds = jax.ShapeDtypeStruct
-        f = 2 ** (len(models.vae.config.block_out_channels) - 1)
         b, h, w = shape[:3]
         temps = [_ENCODE.lower(models, vp, vae_lora, sds((b, h, w, 3), jnp.float32)).compile().memory_analysis(),
-                 _DECODE.lower(models, vp, sds((b, h // f, w // f, 4), jnp.float32)).compile().memory_analysis()]
+                 _DECODE.lower(models, vp, sds((b, h // factor, w // factor, 4), jnp.float32)).compile().memory_analysis()]
         return None if None in temps else max(int(t.temp_size_in_bytes) for t in temps)
 
     dp = DataParallel(devices) if devices is not None and len(devices) > 1 else None
     if dp is not None:
         encode, latent, decode, context = _data_parallel_maps(dp, m, models, up, vp, vae_lora, trees, c, defaults)
-    factor = 2 ** (len(models.vae.config.block_out_channels) - 1)
     # What the speed log (jsr.sr.speed) keys its timings by: what changes a call's cost, not the weights' values.
     dtype_name = jnp.dtype(jax.tree.leaves(up)[0].dtype).name
     profile = (f"{base.path} | {m.name} [{','.join(sorted(trees))}] | {dtype_name} | {attention_impl} | "

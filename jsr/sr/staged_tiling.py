@@ -349,7 +349,7 @@ class StagedTiler:
         return temp
 
     def _pointwise(self, call, store: "_CarryStore", groups: list, real: list[int], k: int,
-                   size: tuple[int, int, int], window: tuple[int, int], s: Fraction,
+                   size: tuple[int, int, int], s: Fraction,
                    chunking: tuple[int, int, int, int], norm_ctx: tuple, progress) -> list:
         """Run a pointwise stage once per image pixel: the windows' carries are assembled into the mosaic of their
         cores, cut into chunks of a window's pixel count (k per call, every call one shape), and the output
@@ -391,13 +391,9 @@ class StagedTiler:
             if progress is not None:
                 progress(1)
         del flat
-        hs, ws = scaled(h, s), scaled(w, s)
-        ths, tws = scaled(window[0], s), scaled(window[1], s)
-        images = {key: v.reshape(b, hs, ws, -1) for key, v in out_flat.items()}
+        images = {key: v.reshape(b, scaled(h, s), scaled(w, s), -1) for key, v in out_flat.items()}
         for gi, grp in enumerate(groups):
-            store.put(gi, {key: np.concatenate([v[:, scaled(w_.y, s):scaled(w_.y, s) + ths,
-                                                  scaled(w_.x, s):scaled(w_.x, s) + tws] for w_ in grp], 0)
-                           for key, v in images.items()})
+            store.put(gi, {key: _cut(v, grp, s) for key, v in images.items()})
         return stats
 
     def __call__(self, x: np.ndarray | jax.Array, tile: int, overlap: int, *, align: int = 1,
@@ -419,8 +415,7 @@ class StagedTiler:
         store = _CarryStore(spill_dir)
         try:
             for gi, grp in enumerate(groups):
-                store.put(gi, {"x": np.concatenate([np.asarray(x[:, w_.y:w_.y + th, w_.x:w_.x + tw])
-                                                    for w_ in grp], 0)})
+                store.put(gi, {"x": _cut(x, grp, Fraction(1))})
             mean = var = context = None
             for stage, call in zip(self.stages, self.calls):
                 stats: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -428,7 +423,7 @@ class StagedTiler:
                 vb = None if var is None else np.tile(var, (k, 1))
                 chunking = self._chunking(stage, x.shape, th, tw, k, len(windows))
                 if chunking is not None:
-                    stats = self._pointwise(call, store, groups, real, k, (b, h, w), (th, tw), stage.scale,
+                    stats = self._pointwise(call, store, groups, real, k, (b, h, w), stage.scale,
                                             chunking, (mb, vb, context), progress)
                 for gi, grp in enumerate(groups if chunking is None else ()):
                     masks = np.concatenate([np.repeat(w_.core_mask(stage.scale)[None], b, 0) for w_ in grp], 0)
@@ -471,6 +466,11 @@ class _Window:
         return (slice(scaled(self.y0 - self.y, s), scaled(self.y1 - self.y, s)),
                 slice(scaled(self.x0 - self.x, s), scaled(self.x1 - self.x, s)))
 
+    def box(self, s: Fraction) -> tuple[slice, slice]:
+        """The whole window in image coordinates at scale ``s``."""
+        y, x = scaled(self.y, s), scaled(self.x, s)
+        return slice(y, y + scaled(self.th, s)), slice(x, x + scaled(self.tw, s))
+
     def core_in_image(self, s: Fraction) -> tuple[slice, slice]:
         return (slice(scaled(self.y0, s), scaled(self.y1, s)), slice(scaled(self.x0, s), scaled(self.x1, s)))
 
@@ -493,6 +493,12 @@ def _mosaic(parts: list[Callable[[], Any]], groups: list[list[_Window]], real: l
         for t, w_ in enumerate(grp[:n]):
             out[(slice(None),) + w_.core_in_image(s)] = part[(slice(t * b, (t + 1) * b),) + w_.core(s)]
     return out
+
+
+def _cut(img: Any, grp: list[_Window], s: Fraction) -> np.ndarray:
+    """The windows of ``grp`` cut from ``img`` [b, H s, W s, C] at scale ``s``, stacked window-major
+    ([k b, th s, tw s, C])."""
+    return np.concatenate([np.asarray(img[(slice(None),) + w_.box(s)]) for w_ in grp], 0)
 
 
 def _chunk(a: np.ndarray, j: int, p: int) -> np.ndarray:
