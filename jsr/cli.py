@@ -2,8 +2,8 @@
 ``python -m jsr.weights``): help exits 0, an input the user gave that is wrong (a damaged weight file, a data
 folder with no usable image...) ends the run with one ``error: ...`` line and exit status 2, not a traceback,
 and JAX's persistent compilation cache is on (:func:`enable_compilation_cache`), so only the first run of a
-command compiles; XLA:CPU compiles with its fast-compile preset (:func:`cpu_compile_defaults`;
-``JSR_XLA_CPU_PRESET=default`` opts out).
+command compiles; XLA:CPU compiles with its fast-compile preset and YNNPACK fusions off
+(:func:`cpu_compile_defaults`; ``JSR_XLA_CPU_PRESET=default`` opts out).
 
 The cache: ``$JAX_COMPILATION_CACHE_DIR`` when set, else ``$JSR_CACHE/xla`` (``~/.cache/jsr/xla``);
 ``JSR_XLA_CACHE=DIR`` moves it, ``JSR_XLA_CACHE=off`` turns it off.
@@ -49,21 +49,27 @@ def enable_compilation_cache() -> Path | None:
     return where
 
 
-# XLA:CPU's fast-compile preset. Measured on the 2-core machine (2026-11-30), the README's first command
-# (CTSR stage 1, tiny): the train step's cold compile 510 -> 309 s of CPU, its warm start 177 -> 134 s of CPU
-# (the default preset's YNNPACK fusions make loading a cached program quadratic in its size: 60 % of a 150 s
-# load was XLA's YnnFusionThunkFromProto), the step itself 1.15 -> 1.85 steps/s, peak memory 5.6 -> 3.5 GB.
-CPU_FAST_COMPILE = "--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE"
+# XLA:CPU's fast-compile preset, and its YNNPACK library fusions off. Measured on the 2-core machine
+# (2026-11-30), the README's first command (CTSR stage 1, tiny): the preset took the train step's cold compile
+# from 510 to 309 s of CPU, the step itself from 1.15 to 1.85 steps/s and peak memory from 5.6 to 3.5 GB. Reading
+# the compiled step back from the persistent cache stayed slow with it (78 s): XLA's YnnFusionThunkFromProto
+# searches the module linearly for every fused instruction, so the load is quadratic in the program's size
+# (a third of the warm run's CPU samples). With the YNN fusions off that read takes 32 s and the step runs
+# as fast (2.0 steps/s; a 3x3 128-channel convolution at 256 px: 0.21 s either way; a 2048^2 matmul 0.16 ->
+# 0.19 s, the price).
+CPU_FAST_COMPILE = ("--xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE "
+                    "--xla_cpu_experimental_ynn_fusion_type=-individual_dot,-individual_convolution,-reduce")
 
 
 def cpu_compile_defaults() -> str | None:
-    """Add XLA:CPU's fast-compile preset to ``$XLA_FLAGS`` (GPU and TPU ignore it) unless the flags already
-    choose a preset or ``JSR_XLA_CPU_PRESET=default`` opts out; returns the flag added, or None. It only takes
-    effect when called before JAX starts its CPU backend (the command lines call it first)."""
+    """Add :data:`CPU_FAST_COMPILE` (XLA:CPU's fast-compile preset, YNNPACK fusions off; GPU and TPU ignore both)
+    to ``$XLA_FLAGS`` unless the flags already choose a preset or YNN fusion types, or
+    ``JSR_XLA_CPU_PRESET=default`` opts out; returns the flags added, or None. It only takes effect when called
+    before JAX starts its CPU backend (the command lines call it first)."""
     if os.environ.get("JSR_XLA_CPU_PRESET", "").lower() == "default":
         return None
     flags = os.environ.get("XLA_FLAGS", "")
-    if "--xla_cpu_opt_preset" in flags:
+    if "--xla_cpu_opt_preset" in flags or "--xla_cpu_experimental_ynn_fusion_type" in flags:
         return None
     os.environ["XLA_FLAGS"] = f"{flags} {CPU_FAST_COMPILE}".strip()
     return CPU_FAST_COMPILE

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from jsr import cli, console
 from tests.helpers import standin_restorer
@@ -71,3 +72,21 @@ def test_cpu_fast_compile_preset_is_added_once_and_can_be_refused(monkeypatch):
 def test_the_preset_is_on_in_this_session():
     """conftest applies it before jax starts: the flag reaches XLA (an unknown preset name would abort at start)."""
     assert cli.CPU_FAST_COMPILE in os.environ["XLA_FLAGS"]
+
+
+def test_cpu_compile_fast_turns_llvm_optimisation_off_for_the_loops_programs():
+    """config.cpu_compile (the tiny configs: "fast") reaches the step's and the preview's compiler options."""
+    from configs import base
+    from jsr.train import loop
+
+    c = base.get_config("fidelity")
+    c.model.remat = "none"
+    assert c.cpu_compile == "optimized" and loop.compiler_options(c) is None
+    base.tiny(c)
+    assert c.cpu_compile == "fast" and loop.compiler_options(c) == loop.CPU_FAST_COMPILE_OPTIONS
+    c.model.remat = "blocks"  # merged with the remat mode's own option
+    assert loop.compiler_options(c) == {**loop.CPU_FAST_COMPILE_OPTIONS,
+                                        "xla_disable_hlo_passes": "cse_barrier_expander"}
+    c.cpu_compile = "quick"
+    with pytest.raises(ValueError, match="cpu_compile must be one of optimized, fast, got 'quick'"):
+        loop.compiler_options(c)

@@ -81,8 +81,12 @@ def test_kill_and_resume_gives_the_uninterrupted_parameters(tmp_path):
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [1]
     with pytest.raises(SystemExit, match="simulated crash"):
         loop.train(_config("fidelity", **{"debug.crash_after_step": 3}), run)  # dies after step 3; last checkpoint is 2
+    # As a new process would: the step is read back from the program cache on disk (jsr.train.program_cache), not
+    # traced, and still gives the uninterrupted run's parameters bit for bit.
+    loop._STEPS.clear()
     done = loop.train(_config("fidelity"), run)  # resumes from step 2
     assert done["status"] == "done" and done["step"] == 4
+    assert {p.source for p in loop._STEPS.values()} == {"disk"}
     jax.tree.map(np.testing.assert_array_equal, _params(done), _params(ref))
     assert (run / "export" / "gen" / "unet" / "adapter_model.safetensors").is_file()
     assert (run / "tensorboard").is_dir() and (run / "config.json").is_file()

@@ -122,3 +122,32 @@ def test_clu_writer_is_used_and_its_event_files_hold_scalars_and_images(tmp_path
     assert len(got) == 2  # one image per preview
     for a, b in zip(got, batch):
         np.testing.assert_array_equal(a, b)
+
+
+def test_background_writer_writes_hparams_first_and_delegates(tmp_path, caplog, monkeypatch):
+    """train() creates its writer in a thread (CLU's import pulls TensorFlow in): the hyper-parameters are written
+    there, every method call waits for the writer, and an error creating it reaches the caller."""
+    import threading
+
+    caplog.set_level(logging.INFO)
+    made_in = []
+    real = writers.create_writer
+
+    def create(logdir, **kw):
+        made_in.append(threading.current_thread().name)
+        return real(logdir, prefer_clu=False)
+
+    monkeypatch.setattr(writers, "create_writer", create)
+    w = writers.BackgroundWriter(tmp_path, hparams={"a": "1", "osediff_hparam_value": "2"})
+    w.write_scalars(4, {"y": 2.0})
+    w.close()
+    assert made_in and made_in[0].startswith("jsr-writer")
+    assert "hyper-parameters: 2 values" in caplog.text
+    assert _read(tmp_path)[0] == {("y", 4): 2.0}
+
+    def broken(logdir, **kw):
+        raise PermissionError(f"{logdir}: read-only")
+
+    monkeypatch.setattr(writers, "create_writer", broken)
+    with pytest.raises(PermissionError, match="read-only"):
+        writers.BackgroundWriter(tmp_path / "ro").flush()

@@ -42,10 +42,10 @@ from jsr.models import remat as remat_lib
 from jsr.sr import generator
 from jsr.sr.base import load_base
 from jsr.sr.prompts import drop_prompts
-from jsr.train import distributed, sharding
+from jsr.train import distributed, program_cache, sharding
 from jsr.train.checkpoint import Checkpointer, Preempted, PreemptionWatch
 from jsr.train.step import TrainState, init_state, make_train_step
-from jsr.train.writers import Profiler, ProgressReporter, create_writer
+from jsr.train.writers import BackgroundWriter, Profiler, ProgressReporter
 
 
 class NonFiniteLossError(RuntimeError):
@@ -102,6 +102,17 @@ def _run_key(config, base) -> tuple:
     return (json.dumps(d, sort_keys=True, default=str), id(base.models), tuple(map(str, jax.devices())))
 
 
+def _program_description(config, base) -> str:
+    """What a traced step or preview depends on besides its arguments and jsr's code, for the on-disk program
+    cache (jsr.train.program_cache): the run key's config, the seed, the base's architecture and schedule."""
+    import hashlib
+
+    schedule = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(base.models.schedule)))
+    return "\n".join([_run_key(config, base)[0], f"seed={config.seed}", repr(base.models.unet), repr(base.models.vae),
+                      f"scaling={base.models.scaling_factor}", f"schedule={schedule.hexdigest()}",
+                      f"random_weights={getattr(base, 'random_weights', None)}"])
+
+
 def build(config, base, rng: jax.Array) -> tuple[Method, TrainSetup]:
     """``(method, setup)``: the registered method ``config.method`` and its training setup on ``base``."""
     method = jsr.methods.get(config.method)
@@ -114,7 +125,7 @@ def _frozen_shardings(frozen: dict, base, mesh, shard: bool,
     (``TrainSetup.frozen_axes``: a frozen vision encoder...) by ``rules`` when ``shard``; the rest replicated."""
     rep = sharding.replicated(mesh)
     out = jax.tree.map(lambda _: rep, frozen)
-    if shard:
+    if shard and mesh.size > 1:  # (one device: every rule gives that device; skip tracing the models' axes, ~2 s)
         out["unet"] = sharding.tree_shardings(frozen["unet"], common.logical_axes(base.models.unet), mesh, rules)
         out["vae"] = sharding.tree_shardings(frozen["vae"], common.logical_axes(base.models.vae), mesh, rules)
         for key, logical in (axes or {}).items():
@@ -122,14 +133,47 @@ def _frozen_shardings(frozen: dict, base, mesh, shard: bool,
     return out
 
 
+# config.cpu_compile="fast" on a CPU: LLVM's optimisation off for the step and the preview. Measured on the 2-core
+# machine (2026-11-30), the README's first command (CTSR stage 1, tiny): the step's compile 115 -> 78 s, the
+# preview's 28 -> 12 s, the step itself 2.0 -> 1.1 steps/s. The tiny configs use it (a few steps, compile-bound).
+CPU_FAST_COMPILE_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+CPU_COMPILE_MODES = ("optimized", "fast")
+
+
+def compiler_options(config) -> dict[str, Any] | None:
+    """XLA options for the loop's programs: the remat mode's (``jsr.models.remat.compiler_options``) and, on a
+    CPU with ``config.cpu_compile == "fast"``, :data:`CPU_FAST_COMPILE_OPTIONS`; None when there are none."""
+    opts = dict(remat_lib.compiler_options(remat_setting(config)[0]) or {})
+    mode = config.get("cpu_compile", "optimized")
+    if mode not in CPU_COMPILE_MODES:
+        raise ValueError(f"cpu_compile must be one of {', '.join(CPU_COMPILE_MODES)}, got {mode!r}")
+    if mode == "fast" and jax.default_backend() == "cpu":
+        opts.update(CPU_FAST_COMPILE_OPTIONS)
+    return opts or None
+
+
+def _step_and_jit_args(updates, config, mesh, rules: Any, in_shardings: Any, out_shardings: Any
+                       ) -> tuple[Any, dict[str, Any]]:
+    return make_train_step(updates, config.optim.accum_steps, mesh, rules), dict(
+        in_shardings=in_shardings, out_shardings=out_shardings, donate_argnums=0,
+        compiler_options=compiler_options(config))
+
+
 def jit_step(updates, config, mesh, rules: Any, in_shardings: Any, out_shardings: Any):
     """The jitted train step of ``updates`` as the loop runs it: traced with ``mesh`` in context (the attention
     dispatch sees it: ``auto`` takes splash per shard on a multi-chip TPU) and the models' activations
     constrained by ``rules`` (``jsr.train.step``), the state donated, and on CPU compiled so that the
     rematerialisation ``config.model.remat`` asks for survives (``jsr.models.remat.compiler_options``)."""
-    return jax.jit(make_train_step(updates, config.optim.accum_steps, mesh, rules), in_shardings=in_shardings,
-                   out_shardings=out_shardings, donate_argnums=0,
-                   compiler_options=remat_lib.compiler_options(remat_setting(config)[0]))
+    fn, kwargs = _step_and_jit_args(updates, config, mesh, rules, in_shardings, out_shardings)
+    return jax.jit(fn, **kwargs)
+
+
+def cached_step(updates, config, mesh, rules: Any, in_shardings: Any, out_shardings: Any, *, name: str,
+                description: str) -> program_cache.CachedProgram:
+    """:func:`jit_step` with its trace kept on disk (``jsr.train.program_cache``): a rerun of the same run skips
+    tracing, most of a warm start on a CPU. ``description``: :func:`_program_description`."""
+    fn, kwargs = _step_and_jit_args(updates, config, mesh, rules, in_shardings, out_shardings)
+    return program_cache.cached_jit(fn, name=name, description=description, **kwargs)
 
 
 def step_prompts(prompts: list[str], null_ratio: float, seed: int, step: int) -> list[str]:
@@ -222,11 +266,13 @@ def train(config, workdir: str | os.PathLike, cluster: distributed.Cluster | Non
     batch_keys = ("hq", "lq", "c")
     batch_sh = {k: sharding.batch_sharding(mesh, 4 if k != "c" else 3) for k in batch_keys}
     run_key = _run_key(config, base)
+    described = _program_description(config, base)
 
     def step_fn(phase: int, updates):
         key = (run_key, phase)
         if key not in _STEPS:
-            _STEPS[key] = jit_step(updates, config, mesh, rules, (state_sh, frozen_sh, batch_sh), (state_sh, rep))
+            _STEPS[key] = cached_step(updates, config, mesh, rules, (state_sh, frozen_sh, batch_sh),
+                                      (state_sh, rep), name=f"{method.name}-step{phase}", description=described)
         return _STEPS[key]
 
     def ready(fn, name: str, *args) -> None:
@@ -236,13 +282,14 @@ def train(config, workdir: str | os.PathLike, cluster: distributed.Cluster | Non
             fn.lower(*args).compile()
             distributed.barrier(name)
 
-    preview = jax.jit(make_preview(method, base.models), out_shardings=rep)
+    preview = program_cache.cached_jit(make_preview(method, base.models), name=f"{method.name}-preview",
+                                       description=described, out_shardings=rep,
+                                       compiler_options=compiler_options(config))
     # The preview's first rows, on every device: a batch row lives on one process only.
     head = jax.jit(lambda x: x[:int(config.log.images)], out_shardings=rep)
     null_ratio = float(config.data.get("null_prompt_ratio", 0.0))
-    writer = create_writer(workdir / "tensorboard")
-    if jax.process_index() == 0:
-        writer.write_hparams({k: str(v) for k, v in _flat(config.to_dict()).items()})
+    writer = BackgroundWriter(workdir / "tensorboard", hparams={k: str(v) for k, v in _flat(
+        config.to_dict()).items()} if jax.process_index() == 0 else None)
     total = int(config.total_steps)
     progress = ProgressReporter(writer, total, every=config.log.every, batch_size=config.data.batch_size)
     profiler = Profiler(workdir / "profile", config.log.profile_step, config.log.profile_steps, config.log.profile)
