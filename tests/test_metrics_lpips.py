@@ -157,7 +157,9 @@ def test_gradient_matches_torch_and_jit(reference, params):
 def test_identical_images_and_unbatched(params):
     x, y = _images(3, n=1, size=32)
     same = lpips_distance(params, jnp.asarray(x), jnp.asarray(x))
-    assert float(same[0]) == 0.0
+    # Zero up to rounding: the pair goes through the trunk as one stacked batch, and XLA:CPU's convolution (Eigen,
+    # with jsr's YNNPACK fusions off) may sum the two rows' products in different orders (2e-16 seen).
+    assert abs(float(same[0])) < 1e-12
     one = lpips_distance(params, jnp.asarray(x[0]), jnp.asarray(y[0]))
     assert one.shape == () and float(one) > 0
 

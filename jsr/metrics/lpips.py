@@ -72,7 +72,8 @@ class LPIPS(nn.Module):
         n = x0.shape[0]
         shift = jnp.asarray(SHIFT, jnp.float32)
         scale = jnp.asarray(SCALE, jnp.float32)
-        # One trunk call on the stacked pair: half the dispatches, same result.
+        # One trunk call on the stacked pair: half the dispatches, the same result up to rounding (a backend may
+        # sum the two halves' products in different orders: LPIPS(x, x) ~ 1e-16 on XLA:CPU).
         h = (jnp.concatenate([x0, x1], axis=0).astype(jnp.float32) - shift) / scale
         taps = VGG16Features(pooling="max", dtype=self.dtype, name="net")(h)
         total = jnp.zeros((n,), jnp.float32)
