@@ -4,8 +4,8 @@ JAX's persistent cache stores what XLA compiled, keyed by the lowered module; to
 still trace and lower the Python function. For a train step on a 2-core CPU that is most of a warm start (CTSR
 stage 1 on the embedded tiny model, 2026-11-30: 18-22 s tracing and 5 s lowering before a 32 s cache read).
 :func:`cached_jit` keeps the lowered step as a serialized :mod:`jax.export` artefact instead: a rerun reads it
-(well under a second), wraps it in a ``jax.jit`` that lowers in about a second, and the compile comes from the
-persistent cache as before.
+(well under a second), wraps it in a ``jax.jit`` that lowers in ~2 s, and the compile comes from the persistent
+cache as before.
 
 The first run goes through the same artefact (trace, export, then call the export), so that a fresh run and a
 resumed one run one and the same program: resuming stays bit-exact whether or not the artefact existed.
