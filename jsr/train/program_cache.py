@@ -33,6 +33,8 @@ from typing import Any, Callable
 import jax
 from absl import logging
 
+from jsr.weights.io import write_bytes_atomic
+
 SUFFIX = ".jaxprogram"
 
 
@@ -123,7 +125,7 @@ class CachedProgram:
         if program is None:
             try:
                 exported, out_tree = self._export(args)
-                _write_atomic(path, pickle.dumps((exported.serialize(), out_tree, in_tree)))
+                write_bytes_atomic(path, pickle.dumps((exported.serialize(), out_tree, in_tree)))
                 program, self.source = self._wrap(exported, out_tree), "traced"
             except Exception as e:  # noqa: BLE001 - e.g. a custom call jax.export will not serialize
                 logging.info("program cache: %s not exported (%s: %s); plain jit", self._name, type(e).__name__,
@@ -165,13 +167,6 @@ class CachedProgram:
 
     def lower(self, *args):
         return self._for(args).lower(*args)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def cached_jit(fn: Callable, *, name: str, description: str, **jit_kwargs) -> CachedProgram:

@@ -283,3 +283,13 @@ def write_config(folder: str | os.PathLike, config: Mapping) -> None:
     """Write ``config.json`` into ``folder`` (created if needed)."""
     Path(folder).mkdir(parents=True, exist_ok=True)
     (Path(folder) / "config.json").write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file beside it and a rename, so a reader (another process, a
+    run killed mid-write) sees the old file or the whole new one, never a part; makes the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
