@@ -89,7 +89,9 @@ def _torch_lrrb(cfg: LRRBConfig):
     return Net()
 
 
-def test_lrrb_matches_torch_twin():
+def test_lrrb_matches_torch_twin(monkeypatch):
+    from jsr.models import layers
+
     cfg = LRRBConfig()
     torch = pytest.importorskip("torch")
     from tests.helpers import randomise_torch
@@ -99,14 +101,18 @@ def test_lrrb_matches_torch_twin():
     assert lrrb_config_from_state(state) == cfg
     params = lrrb_from_torch(net.state_dict())  # sizes inferred from the shapes
     rng = np.random.default_rng(1)
-    z = rng.standard_normal((2, 16, 12, 4)).astype(np.float32)  # 192 px: jsr's im2col conv path
+    z = rng.standard_normal((2, 16, 12, 4)).astype(np.float32)
     eps = rng.standard_normal((2, 16, 12, 4)).astype(np.float32)
     with torch.no_grad():
         tcat = torch.from_numpy(np.concatenate([z, eps], -1)).permute(0, 3, 1, 2)
         ref = (torch.from_numpy(eps).permute(0, 3, 1, 2) + net(tcat)).permute(0, 2, 3, 1).numpy()
     got = np.asarray(_refine(params, z, eps, config=cfg))
     assert rel_error(got - eps, ref - eps) < 1e-5  # on the LRRB's own output, not diluted by eps
-    # 24x24 = 576 px takes XLA's conv path instead of im2col.
+    with monkeypatch.context() as m:  # the im2col conv path too (small maps with many channels, YNN fusions on)
+        m.setattr(layers, "im2col_pays", lambda pixels, channels: True)
+        fresh = jax.jit(lrrb_refine, static_argnames="config")  # traced anew, not the module's cached program
+        assert rel_error(np.asarray(fresh(params, z, eps, config=cfg)) - eps, ref - eps) < 1e-5
+    # 24x24 = 576 px: a bigger map.
     z2, e2 = (rng.standard_normal((1, 24, 24, 4)).astype(np.float32) for _ in range(2))
     with torch.no_grad():
         ref2 = net(torch.from_numpy(np.concatenate([z2, e2], -1)).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).numpy()

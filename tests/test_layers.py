@@ -17,10 +17,13 @@ def _nchw(x):
     return torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy())
 
 
-@pytest.mark.parametrize("size", [9, 20])  # 9x9 takes the im2col path, 20x20 XLA's conv
+@pytest.mark.parametrize("size,im2col", [(9, True), (9, False), (20, False)])
 @pytest.mark.parametrize("stride,pad,tpad", [((1, 1), ((1, 1), (1, 1)), 1), ((2, 2), ((1, 1), (1, 1)), 1),
                                              ((2, 2), ((0, 1), (0, 1)), None)])
-def test_conv_matches_torch(stride, pad, tpad, size):
+def test_conv_matches_torch(stride, pad, tpad, size, im2col, monkeypatch):
+    from jsr.models import layers
+
+    monkeypatch.setattr(layers, "im2col_pays", lambda pixels, channels: im2col)
     x = jax.random.normal(jax.random.key(0), (2, size, size, 4))
     m = Conv(6, strides=stride, padding=pad)
     p = m.init(jax.random.key(1), x)["params"]
@@ -35,6 +38,21 @@ def test_conv_matches_torch(stride, pad, tpad, size):
             xt = torch.nn.functional.pad(xt, (0, 1, 0, 1))
         ref = conv(xt).numpy().transpose(0, 2, 3, 1)
     assert _rel(y, ref) < 1e-5  # f32 conv, different summation order
+
+
+def test_im2col_only_where_it_pays(monkeypatch):
+    """Small maps with >= 128 channels, and only while XLA:CPU's YNN convolution fusion is on."""
+    from jsr.models import layers
+
+    on = "--xla_force_host_platform_device_count=8"
+    off = on + " --xla_cpu_experimental_ynn_fusion_type=-individual_dot,-individual_convolution,-reduce"
+    monkeypatch.setenv("XLA_FLAGS", on)
+    assert layers.im2col_pays(64, 1280) and layers.im2col_pays(256, 128)
+    assert not layers.im2col_pays(257, 1280) and not layers.im2col_pays(64, 64)
+    monkeypatch.setenv("XLA_FLAGS", off)
+    assert not layers.im2col_pays(64, 1280)
+    monkeypatch.setenv("XLA_FLAGS", off + " --xla_cpu_experimental_ynn_fusion_type=individual_convolution")
+    assert layers.im2col_pays(64, 1280)  # the last occurrence of a flag wins, as in XLA
 
 
 def test_norms_match_torch():

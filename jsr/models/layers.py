@@ -20,6 +20,9 @@ LoRA factors: dense ``a`` [in, r], ``b`` [r, out]; conv ``a`` [kh, kw, in, r] (s
 
 from __future__ import annotations
 
+import functools
+import os
+import re
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -81,10 +84,29 @@ class Dense(nn.Module):
 Padding = str | Sequence[tuple[int, int]]
 
 
-# Feature maps up to this many pixels run their convs as one matmul over the kh*kw shifted copies (im2col):
-# measured on the 2-core CPU (2026-11-23), a 3x3 conv at 8x8x1280 takes 103 ms through XLA's conv and 46 ms as
-# im2col; they tie at 16x16 and XLA's conv wins above. The SD-2.1 UNet forward at 512 px gains 10-17 %.
+# Small feature maps with many channels run their convs as one matmul over the kh*kw shifted copies (im2col)
+# when XLA:CPU's YNNPACK convolution fusion is on (XLA's default): measured on the 2-core CPU (2026-11-23), a 3x3
+# conv at 8x8x1280 took 103 ms through it and 46 ms as im2col (the SD-2.1 UNet forward at 512 px gained 10-17 %).
+# With that fusion off (jsr's command lines, jsr.cli.CPU_FAST_COMPILE) XLA's conv ties with im2col from 8x8x32 to
+# 16x16x1280 (2026-11-30), and below 128 channels im2col never won by more than the noise under either setting.
+# It is not free where it does not pay: kh*kw slices, a concatenate and a dot are ~11 thunks instead of one, and
+# XLA:CPU's loader is quadratic in a program's thunks (the tiny CTSR step: 12,560 thunks, 2,600 of them im2col).
+# The command lines pass the same flags on GPU and TPU, so there too XLA's own conv runs.
 IM2COL_MAX_PIXELS = 256
+IM2COL_MIN_CHANNELS = 128
+
+
+@functools.lru_cache(maxsize=8)
+def _ynn_convolution_fusion_on(xla_flags: str) -> bool:
+    """False when ``xla_flags`` turn XLA:CPU's YNNPACK convolution fusion off (``-individual_convolution``)."""
+    types = re.findall(r"--xla_cpu_experimental_ynn_fusion_type=(\S*)", xla_flags)
+    return not (types and "-individual_convolution" in types[-1].split(","))
+
+
+def im2col_pays(pixels: int, channels: int) -> bool:
+    """Whether a conv over a ``pixels``-pixel map with ``channels`` input channels takes the im2col path."""
+    return (pixels <= IM2COL_MAX_PIXELS and channels >= IM2COL_MIN_CHANNELS
+            and _ynn_convolution_fusion_on(os.environ.get("XLA_FLAGS", "")))
 
 
 def _im2col_conv(x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
@@ -116,7 +138,7 @@ class Conv(nn.Module):
     kernel_axes: Axes = (None, None, "conv_in", "conv_out")
 
     def _conv(self, x: jax.Array, kernel: jax.Array, strides, padding) -> jax.Array:
-        if x.shape[1] * x.shape[2] <= IM2COL_MAX_PIXELS and not isinstance(padding, str):
+        if not isinstance(padding, str) and im2col_pays(x.shape[1] * x.shape[2], x.shape[-1]):
             return _im2col_conv(x, kernel, strides, padding)
         pad = padding if isinstance(padding, str) else tuple(tuple(p) for p in padding)
         return jax.lax.conv_general_dilated(
