@@ -132,8 +132,10 @@ def test_evaluate_tables_on_4_devices_equal_1(restorers, tmp_path):
     assert (one["timing"]["devices"], four["timing"]["devices"], four["timing"]["images_per_call"]) == (1, 4, 4)
     drop = ("seconds", "includes_compile", "sr_path", "seconds_per_image")
 
+    # Batch 4 and batch 1 run different XLA conv kernels: float rounding can move a few pixels by one uint8 step,
+    # which moves PSNR by ~1e-5 relative but an SSIM near 0 (random weights) by ~1e-5 absolute, hence both bounds.
     def rows(report, key):
-        return [{k: (pytest.approx(v, rel=1e-4) if isinstance(v, float) else v) for k, v in r.items()
+        return [{k: (pytest.approx(v, rel=1e-4, abs=1e-4) if isinstance(v, float) else v) for k, v in r.items()
                  if k not in drop} for r in report[key]]
 
     assert [{k: v for k, v in r.items() if k not in drop} for r in four["images"]] == rows(one, "images")
