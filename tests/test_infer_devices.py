@@ -7,8 +7,9 @@ tile) per device that is the one-device program at batch 1. Under XLA's default 
 identical (2-core CPU, 2026-11-30); under the fast-compile preset jsr now uses on CPU (jsr.cli.CPU_FAST_COMPILE)
 the per-device program is compiled with other fusions and differs by float32 round-off (max 2.5e-6 on images in
 [0, 1], one 8-bit level on 1 of 4,608 PNG values, PSNR within 7e-5 dB). Hence ``atol=1e-5`` on floats, one level
-on PNGs and ``rel=1e-4`` or ``abs=1e-4`` on metrics (an SSIM near 0 once moved 9e-6): far below any real difference (a wrong row order or a padded row leaking into
-an output moves values by ~0.1). The comparisons keep one image or tile per device.
+on PNGs and ``rel=1e-4`` or ``abs=1e-4`` on metrics (an SSIM near 0 once moved 9e-6): far below any real
+difference (a wrong row order or a padded row leaking into an output moves values by ~0.1). The comparisons keep
+one image or tile per device.
 """
 
 import jax
